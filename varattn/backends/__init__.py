@@ -1,0 +1,27 @@
+"""The backends, in the order dispatch tries them.
+
+A backend is a module with `CAPABILITIES`, `reasons(params) -> list[str]`
+(empty when it can run the call) and `forward(params) -> (out, lse)`. The ones
+not built yet are listed with `None` so that `explain()` can say so.
+"""
+from __future__ import annotations
+
+import enum
+
+from . import math
+
+
+class Backend(str, enum.Enum):
+    DECODE = "decode"
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    MATH = "math"
+
+
+# Priority order: the specialist first, the fallback last.
+REGISTRY = {
+    Backend.DECODE: None,
+    Backend.FLASH: None,
+    Backend.EFFICIENT: None,
+    Backend.MATH: math,
+}

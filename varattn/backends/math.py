@@ -1,0 +1,49 @@
+"""The math backend: the reference and the fallback, on CPU (torch ops) and CUDA (kernels_cu/math.cu).
+
+It takes every dtype including fp64 and every feature the packed form has;
+it materialises scores for a chunk of query rows at a time within
+WORKSPACE_BYTES, so memory stays bounded whatever the batch.
+"""
+from __future__ import annotations
+
+import os
+
+from .. import checks, loader
+from . import capabilities
+
+CAPABILITIES = capabilities.Capabilities(
+    devices=("cpu", "cuda"),
+    dtypes=checks.SUPPORTED_DTYPES,
+    max_head_dim=512,
+    bias=True,
+    window=True,
+    head_dim_v_differs=True,
+)
+
+# Scores of one chunk of query rows: rows * heads * max_seqlen_k accumulators.
+WORKSPACE_BYTES = int(os.environ.get("VARATTN_MATH_WORKSPACE_MB", "256")) * 2**20
+
+
+def reasons(params) -> list[str]:
+    found = capabilities.reasons(CAPABILITIES, params)
+    if params.device.type == "cuda":
+        missing = loader.cupy_missing_reason()
+        if missing:
+            found.append(missing)
+        if params.num_heads > 65535:
+            found.append(f"{params.num_heads} heads > 65535 (one grid dimension per head)")
+    return found
+
+
+def rows_per_chunk(params) -> int:
+    """How many query rows' scores fit in the workspace at once."""
+    row_bytes = params.num_heads * max(params.max_seqlen_k, 1) * (8 if params.lse_dtype.itemsize == 8 else 4)
+    return max(1, min(params.total_q, WORKSPACE_BYTES // row_bytes))
+
+
+def forward(params):
+    if params.device.type == "cpu":
+        from . import math_cpu as implementation
+    else:
+        from . import math_cuda as implementation
+    return implementation.forward(params)

@@ -1,0 +1,190 @@
+"""Input checks, one small predicate per rule; each failure names the argument,
+what was expected and what came.
+
+Everything here reads only shapes, dtypes, strides and devices, except the
+checks of lengths' contents: those run for free on CPU tensors, and on CUDA
+tensors only when device checks are on (they cost a device->host sync).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_device_checks = os.environ.get("VARATTN_DEVICE_CHECKS", "0") not in ("", "0")
+
+
+def set_device_checks(enabled: bool) -> None:
+    """Also check the contents of lengths tensors that live on a GPU.
+
+    Off by default because reading them back stalls the host until the GPU
+    catches up. The environment variable VARATTN_DEVICE_CHECKS=1 turns it on
+    at import.
+    """
+    global _device_checks
+    _device_checks = bool(enabled)
+
+
+def device_checks_enabled() -> bool:
+    return _device_checks
+
+
+def tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def packed_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        tensor(x, name)
+        if x.is_nested:
+            raise TypeError(f"{name} is a NestedTensor: use varattn.attention for nested inputs")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be packed as (total, heads, head_dim), got shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+        if x.shape[-1] > 0 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride on its last (head_dim) dimension, got strides {x.stride()}")
+    same_device(q, "q", k, "k")
+    same_device(q, "q", v, "v")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head_dim must be positive, got q {q.shape[-1]} and v {v.shape[-1]}")
+    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same (total_k, heads_kv), got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the key/value heads (GQA/MQA), "
+            f"got {q.shape[1]} query heads and {k.shape[1]} key/value heads")
+
+
+def same_device(a, a_name: str, b, b_name: str) -> None:
+    on_device(b, b_name, a.device, a_name)
+
+
+def on_device(x, name: str, device, where: str = "q") -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {where} is on {device}; all inputs must share one device")
+
+
+def int32_vector(x, name: str, length: int | None, device) -> None:
+    tensor(x, name)
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {x.dtype}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+    if length is not None and x.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {x.shape[0]}")
+    on_device(x, name, device)
+    if x.stride(0) != 1 and x.shape[0] > 1:
+        raise ValueError(f"{name} must be contiguous")
+
+
+def cu_seqlens(x, name: str, device) -> int:
+    """Returns the batch size the prefix sums describe."""
+    int32_vector(x, name, None, device)
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must have batch_size + 1 >= 1 entries, got 0")
+    return x.shape[0] - 1
+
+
+def seqused(x, name: str, batch: int, device) -> None:
+    if x is not None:
+        int32_vector(x, name, batch, device)
+
+
+def non_negative_int(x, name: str) -> None:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {x!r}")
+
+
+def flag(x, name: str) -> None:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+
+
+def window(w) -> tuple[int, int]:
+    try:
+        left, right = w
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a pair (left, right), got {w!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise ValueError(f"window {side} must be an int >= 0, or -1 for unbounded; got {value!r}")
+    return int(left), int(right)
+
+
+def scale(s, head_dim: int) -> float:
+    if s is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        raise ValueError(f"scale must be a finite number or None, got {s!r}")
+    return float(s)
+
+
+def dropout(p) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+
+
+def attn_bias(bias, q, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
+    """Accepts (B or 1, H or 1, Mq, Mk), Mq >= max_seqlen_q or 1, likewise Mk;
+    returns a view broadcast (by zero strides) to (B, H, Mq', Mk')."""
+    tensor(bias, "attn_bias")
+    same_device(q, "q", bias, "attn_bias")
+    if bias.dtype != torch.bool and bias.dtype != q.dtype:
+        raise TypeError(f"attn_bias must be bool (True = take part) or have q's dtype {q.dtype}, got {bias.dtype}")
+    if bias.dim() != 4:
+        raise ValueError(
+            f"attn_bias must be 4-D (batch or 1, heads or 1, query positions, key positions), got shape {tuple(bias.shape)}")
+    heads = q.shape[1]
+    b, h, mq, mk = bias.shape
+    expected = (("batch", b, batch), ("heads", h, heads))
+    for what, got, want in expected:
+        if got not in (1, want):
+            raise ValueError(f"attn_bias dimension 0/1 ({what}) must be 1 or {want}, got shape {tuple(bias.shape)}")
+    for what, got, want in (("query", mq, max_seqlen_q), ("key", mk, max_seqlen_k)):
+        if got != 1 and got < want:
+            raise ValueError(
+                f"attn_bias has {got} {what} positions but the longest sequence has {want}; "
+                f"expected 1 (broadcast) or at least {want}")
+    # Size-1 dimensions become zero strides, which is all the kernels look at.
+    return bias.expand(batch, heads, mq if mq != 1 else max(1, max_seqlen_q),
+                       mk if mk != 1 else max(1, max_seqlen_k))
+
+
+def longest(cu, used) -> int:
+    """max_seqlen from the lengths themselves (a device->host sync on CUDA)."""
+    lengths = cu[1:] - cu[:-1] if used is None else used
+    return int(lengths.max().item()) if lengths.numel() else 0
+
+
+def lengths_content(cu, used, total: int, max_seqlen: int, which: str) -> None:
+    """The rules on cu_seqlens_{which} / seqused_{which} contents (DESIGN.md)."""
+    cu = cu.cpu().long()
+    name = f"cu_seqlens_{which}"
+    slots = cu[1:] - cu[:-1]
+    if (slots < 0).any():
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+    if used is None:
+        if cu[0] != 0 or cu[-1] != total:
+            raise ValueError(
+                f"{name} must start at 0 and end at the total number of {which} rows ({total}), "
+                f"got {cu[0].item()} ... {cu[-1].item()}")
+        lengths = slots
+    else:
+        used = used.cpu().long()
+        if cu[0] < 0 or cu[-1] > total:
+            raise ValueError(f"{name} must lie in [0, {total}], got {cu[0].item()} ... {cu[-1].item()}")
+        if ((used < 0) | (used > slots)).any():
+            raise ValueError(f"seqused_{which} must lie in [0, {name}[b+1] - {name}[b]] for each sequence b")
+        lengths = used
+    if lengths.numel() and lengths.max() > max_seqlen:
+        raise ValueError(
+            f"max_seqlen_{which} is {max_seqlen} but a {which} sequence has {lengths.max().item()} rows")

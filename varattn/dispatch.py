@@ -1,0 +1,85 @@
+"""Choose a backend for a call, or say why none can run it.
+
+Walks the backends in priority order and takes the first whose `reasons()`
+is empty among those allowed by `use_backends`. `explain()` gives the same
+report without running anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+from .backends import REGISTRY, Backend
+
+_allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "varattn_allowed_backends", default=frozenset(Backend))
+
+
+class NoBackendError(NotImplementedError):
+    """No allowed backend can run the call; the message lists every backend's reasons."""
+
+
+@contextlib.contextmanager
+def use_backends(*backends):
+    """Restrict dispatch to `backends` (Backend members or their names) inside the block.
+
+    Like `torch.nn.attention.sdpa_kernel`: `with varattn.use_backends("math"): ...`
+    """
+    if len(backends) == 1 and isinstance(backends[0], (list, tuple, set, frozenset)):
+        backends = tuple(backends[0])
+    try:
+        chosen = frozenset(Backend(b) for b in backends)
+    except ValueError:
+        names = ", ".join(b.value for b in Backend)
+        raise ValueError(f"use_backends takes backends among {names}; got {backends!r}") from None
+    token = _allowed.set(chosen)
+    try:
+        yield
+    finally:
+        _allowed.reset(token)
+
+
+@dataclass
+class Explanation:
+    """Which backend would run the call, and why each of the others would not."""
+    chosen: Backend | None
+    reasons: dict = field(default_factory=dict)   # Backend -> list[str]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.chosen.value if self.chosen else 'none can run this call'}"]
+        for backend, why in self.reasons.items():
+            if why:
+                lines.append(f"  {backend.value}: " + "; ".join(why))
+        return "\n".join(lines)
+
+
+def explain_params(params) -> Explanation:
+    allowed = _allowed.get()
+    explanation = Explanation(chosen=None)
+    for backend, module in REGISTRY.items():
+        if module is None:
+            why = ["not built yet in this version"]
+        else:
+            why = list(module.reasons(params))
+            if backend not in allowed:
+                why.insert(0, "not allowed by use_backends()")
+        if not why and explanation.chosen is not None:
+            why = [f"could run, but {explanation.chosen.value} comes first"]
+        if not why:
+            explanation.chosen = backend
+        explanation.reasons[backend] = why
+    return explanation
+
+
+def select(params):
+    """The module of the backend that runs the call; raises NoBackendError if none can."""
+    explanation = explain_params(params)
+    if explanation.chosen is None:
+        raise NoBackendError("varattn: no backend can run this call.\n" + str(explanation))
+    return REGISTRY[explanation.chosen]
+
+
+def run(params):
+    """(out, lse) from the chosen backend."""
+    return select(params).forward(params)

@@ -1,0 +1,145 @@
+"""Compile the CUDA kernels of kernels_cu/ and launch them: the only module that touches CuPy.
+
+Each kernel family is one `.cu` file; its template instances are compiled on
+first use, one `cupy.RawModule` per instance and device, by NVRTC for that
+device's architecture (`sm_90a` on Hopper, so its own instructions are
+available). CuPy's on-disk cache (~/.cupy/kernel_cache) makes a second
+process start fast; the local `#include "x.cuh"` lines are inlined first so
+that the cache key covers the headers too. Launches go to
+`torch.cuda.current_stream()` of the tensors' device.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("varattn")
+
+_HERE = Path(__file__).resolve().parent
+# Installed: varattn/kernels_cu; from a source checkout: ../kernels_cu.
+SOURCE_DIR = next((d for d in (_HERE / "kernels_cu", _HERE.parent / "kernels_cu") if d.is_dir()),
+                  _HERE / "kernels_cu")
+_INCLUDE = re.compile(r'^[ \t]*#include\s+"([^"]+)"[ \t]*$', re.MULTILINE)
+
+# family -> the name expressions of every instance a backend may ask for
+FAMILIES: dict[str, tuple[str, ...]] = {}
+
+_kernels: dict = {}
+_streams: dict = {}
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel; the message carries the compiler's log."""
+
+
+def register_family(family: str, name_expressions) -> None:
+    """Declare the template instances of kernels_cu/<family>.cu (for tests and tools)."""
+    FAMILIES[family] = tuple(name_expressions)
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_missing_reason() -> str | None:
+    """None when CuPy and NVRTC are usable, else why not (for a backend's reasons)."""
+    try:
+        import cupy  # noqa: F401
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as error:  # ImportError, or NVRTC's shared library not found
+        return (f"CuPy with NVRTC is needed for CUDA tensors ({type(error).__name__}: {error}); "
+                "install varattn[cuda12] or varattn[cuda13]")
+    return None
+
+
+def _cupy():
+    reason = cupy_missing_reason()
+    if reason:
+        raise RuntimeError(reason)
+    import cupy
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def source(family: str) -> str:
+    """kernels_cu/<family>.cu with its local includes inlined, each header once."""
+    seen: set[str] = set()
+
+    def expand(path: Path) -> str:
+        def include(match):
+            name = match.group(1)
+            if name in seen:
+                return ""
+            seen.add(name)
+            return expand(SOURCE_DIR / name)
+        return _INCLUDE.sub(include, path.read_text())
+
+    return expand(SOURCE_DIR / f"{family}.cu")
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+def compile_options(arch: str) -> tuple[str, ...]:
+    return ("-std=c++17", f"-arch={arch}")
+
+
+def compile_for_arch(code: str, name_expressions, arch: str) -> bytes:
+    """NVRTC without a device (it needs none when the architecture is given): the cubin.
+
+    Used by tests and tools to check that kernels build for an architecture.
+    """
+    _cupy()
+    from cupy_backends.cuda.libs import nvrtc
+    program = nvrtc.createProgram(code, "varattn.cu", [], [])
+    try:
+        for expression in name_expressions:
+            nvrtc.addNameExpression(program, expression)
+        try:
+            nvrtc.compileProgram(program, list(compile_options(arch)))
+        except nvrtc.NVRTCError as error:
+            raise KernelCompileError(
+                f"NVRTC failed for {arch}: {error}\n{nvrtc.getProgramLog(program)}") from None
+        return nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def kernel(family: str, name_expression: str, device: torch.device):
+    """The compiled instance `name_expression` of kernels_cu/<family>.cu for `device`."""
+    key = (family, name_expression, device.index)
+    found = _kernels.get(key)
+    if found is not None:
+        return found
+    cupy = _cupy()
+    arch = arch_of(device)
+    started = time.perf_counter()
+    with cupy.cuda.Device(device.index):
+        module = cupy.RawModule(code=source(family), options=compile_options(arch),
+                                name_expressions=[name_expression])
+        try:
+            found = module.get_function(name_expression)
+        except cupy.cuda.compiler.CompileException as error:
+            raise KernelCompileError(
+                f"compiling {name_expression} from kernels_cu/{family}.cu for {arch} failed:\n"
+                f"{error.get_message()}") from None
+    log.info("varattn: %s (kernels_cu/%s.cu) ready for %s in %.2f s",
+             name_expression, family, arch, time.perf_counter() - started)
+    _kernels[key] = found
+    return found
+
+
+def launch(kernel_function, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
+    """Launch on the current torch stream of `device`."""
+    cupy = _cupy()
+    stream_ptr = torch.cuda.current_stream(device).cuda_stream
+    stream = _streams.get((stream_ptr, device.index))
+    if stream is None:
+        stream = _streams[(stream_ptr, device.index)] = cupy.cuda.ExternalStream(stream_ptr, device.index)
+    with cupy.cuda.Device(device.index), stream:
+        kernel_function(grid, block, args, shared_mem=shared_mem)

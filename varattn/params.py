@@ -1,0 +1,149 @@
+"""The one description of an attention call, built once by a front end.
+
+Every front end turns its inputs into the packed form (DESIGN.md) and builds an
+`AttentionParams`; dispatch, the backends and `explain()` read only this.
+Building it validates the inputs on the host: it never reads device memory
+unless the caller left `max_seqlen_*` out or turned device checks on
+(`varattn.set_device_checks`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import checks
+
+CAUSAL_ALIGNS = ("upper_left", "lower_right")
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    q: torch.Tensor                        # (total_q, H, D)
+    k: torch.Tensor                        # (total_k, H_kv, D)
+    v: torch.Tensor                        # (total_k, H_kv, D_v)
+    cu_seqlens_q: torch.Tensor             # (B + 1,) int32: where each sequence starts
+    cu_seqlens_k: torch.Tensor
+    seqused_q: torch.Tensor | None         # (B,) int32: rows used from each start, or None
+    seqused_k: torch.Tensor | None
+    max_seqlen_q: int
+    max_seqlen_k: int
+    causal: bool
+    causal_align: str                      # "upper_left" | "lower_right"
+    window: tuple[int, int]                # (left, right), -1 = unbounded
+    scale: float
+    attn_bias: torch.Tensor | None         # (B, H, >=max_seqlen_q, >=max_seqlen_k), broadcast by strides
+    dropout_p: float
+    return_lse: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[2]
+
+    @property
+    def total_q(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def total_k(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def has_window(self) -> bool:
+        return self.window != (-1, -1)
+
+    @property
+    def bias_kind(self) -> str:
+        """"none", "bool" (True = take part, as in torch SDPA) or "additive"."""
+        if self.attn_bias is None:
+            return "none"
+        return "bool" if self.attn_bias.dtype == torch.bool else "additive"
+
+    @property
+    def requires_grad(self) -> bool:
+        tensors = (self.q, self.k, self.v, self.attn_bias)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    def new_out(self) -> torch.Tensor:
+        """Output buffer; zeroed where some rows (padding, holes) belong to no sequence."""
+        shape = (self.total_q, self.num_heads, self.head_dim_v)
+        if self.seqused_q is not None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def new_lse(self) -> torch.Tensor:
+        shape = (self.num_heads, self.total_q)
+        if self.seqused_q is not None:
+            return torch.full(shape, -math.inf, dtype=self.lse_dtype, device=self.device)
+        return torch.empty(shape, dtype=self.lse_dtype, device=self.device)
+
+
+def build_params(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+    causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
+    attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False,
+) -> AttentionParams:
+    """Validate packed inputs (host-side) and describe the call."""
+    checks.packed_qkv(q, k, v)
+    batch = checks.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if batch != batch_k:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences: "
+            f"got {batch} and {batch_k}")
+    checks.seqused(seqused_q, "seqused_q", batch, q.device)
+    checks.seqused(seqused_k, "seqused_k", batch, q.device)
+    if max_seqlen_q is None:
+        max_seqlen_q = checks.longest(cu_seqlens_q, seqused_q)
+    if max_seqlen_k is None:
+        max_seqlen_k = checks.longest(cu_seqlens_k, seqused_k)
+    checks.non_negative_int(max_seqlen_q, "max_seqlen_q")
+    checks.non_negative_int(max_seqlen_k, "max_seqlen_k")
+    checks.flag(causal, "causal")
+    checks.flag(return_lse, "return_lse")
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
+    window = checks.window(window)
+    scale = checks.scale(scale, q.shape[-1])
+    checks.dropout(dropout_p)
+    if attn_bias is not None:
+        attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
+    if q.device.type == "cpu" or checks.device_checks_enabled():
+        checks.lengths_content(cu_seqlens_q, seqused_q, q.shape[0], max_seqlen_q, "q")
+        checks.lengths_content(cu_seqlens_k, seqused_k, k.shape[0], max_seqlen_k, "k")
+    return AttentionParams(
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q, seqused_k=seqused_k,
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+        causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
+        attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
+    )

@@ -1,0 +1,45 @@
+"""`varattn.varlen_attention`: the packed form in, the packed form out."""
+from __future__ import annotations
+
+from . import dispatch
+from .params import build_params
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                     causal=False, causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None,
+                     dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False):
+    """Attention over packed sequences, with FlashAttention's varlen conventions.
+
+    Args:
+        q: (total_q, H, D); k: (total_k, H_kv, D); v: (total_k, H_kv, D_v), with
+            H a multiple of H_kv (GQA/MQA). Any strides with unit stride on the
+            last dim. float16, bfloat16, float32 or float64.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on the inputs' device: sequence
+            b holds rows [cu[b], cu[b + 1]). Zero-length sequences are fine.
+        max_seqlen_q, max_seqlen_k: the longest sequence of each side. Left out,
+            they are read from the device (a sync); rows past them are ignored.
+        causal: mask keys after the diagonal; causal_align chooses the diagonal,
+            "upper_left" (query i sees keys j <= i) or "lower_right"
+            (j <= i + Lk - Lq, for decoding and chunked prefill).
+        window: (left, right) sliding window around the same diagonal, -1 = unbounded.
+        scale: score scale, default 1/sqrt(D).
+        attn_bias: per-sequence bias in padded positions, (B or 1, H or 1, Mq, Mk)
+            with Mq >= max_seqlen_q (or 1) and Mk >= max_seqlen_k (or 1): bool
+            (True = take part) or additive of q's dtype; element [b, h, i, j]
+            applies to query i and key j of sequence b.
+        dropout_p: dropout on the attention weights (no backend supports it yet).
+        seqused_q, seqused_k: (B,) int32: sequence b uses only the first
+            seqused[b] rows of its slot (padding or holes after it). Output rows
+            outside every sequence are zero.
+        return_lse: also return lse (H, total_q), the natural-log log-sum-exp
+            of each row's scores: float32 (float64 for float64 inputs), -inf for
+            a row that sees no key.
+
+    Returns:
+        out (total_q, H, D_v), or (out, lse) with return_lse.
+    """
+    params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                          causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
+                          dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse)
+    out, lse = dispatch.run(params)
+    return (out, lse) if return_lse else out
