@@ -85,18 +85,19 @@ def _unpack_strided(nt, ragged_dim, name):
                 f"{name}: components differ outside the sequence dim {ragged_dim}: "
                 f"{[tuple(s) for s in sizes]}")
     lengths = [size[seq] for size in sizes]
-    starts = _shared_buffer_starts(strides, offsets, lengths, seq)
+    layout = _shared_buffer_layout(strides, offsets, lengths, seq)
     device = nt.device
-    if starts is None:  # components laid out unevenly (or all empty): gather them, a copy
+    if layout is None:  # components laid out unevenly (or all empty): gather them, a copy
         values = torch.cat([c.movedim(seq, 0) for c in nt.unbind()]) if any(lengths) else \
             torch.empty(0, *features, dtype=nt.dtype, device=device)
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
     else:
+        first, starts = layout
         template = next(s for s, n in zip(strides, lengths) if n)
         buffer = nt.values()
         values = buffer.as_strided((starts[-1] + lengths[-1], *features),
                                    (template[seq], *[template[d] for d in feature_dims]),
-                                   buffer.storage_offset())
+                                   buffer.storage_offset() + first)
     dense = list(itertools.accumulate(lengths, initial=0))
     contiguous = dense[:-1] == starts
     ragged = Ragged(
@@ -109,9 +110,11 @@ def _unpack_strided(nt, ragged_dim, name):
     return ragged, form
 
 
-def _shared_buffer_starts(strides, offsets, lengths, seq):
-    """First row of each component when the non-empty ones share one layout with
-    unit stride on the last dim and follow each other without overlap; else None."""
+def _shared_buffer_layout(strides, offsets, lengths, seq):
+    """(offset of row 0, first row of each component) when the non-empty
+    components share one layout with unit stride on the last dim and follow
+    each other in the buffer without overlap, as views of one (rows, ...)
+    tensor do (chunks of a projection included); else None."""
     present = [(s, o) for s, o, n in zip(strides, offsets, lengths) if n]
     if not present:
         return None
@@ -119,16 +122,17 @@ def _shared_buffer_starts(strides, offsets, lengths, seq):
     row_stride = template[seq]
     if template[-1] != 1 or row_stride <= 0 or any(s != template for s, _ in present):
         return None
-    if any(o % row_stride for _, o in present):
+    first = present[0][1] % row_stride
+    if any((o - first) % row_stride for _, o in present):
         return None
     starts, end = [], 0
     for o, n in zip(offsets, lengths):
-        start = o // row_stride if n else end
+        start = (o - first) // row_stride if n else end
         if start < end:
             return None
         starts.append(start)
         end = start + n
-    return starts
+    return first, starts
 
 
 def _strided_view(values, seq, starts, lengths):

@@ -55,7 +55,7 @@ def _check_heads(query, key, value, enable_gqa):
         raise ValueError("query, key and value need at least (length, head_dim) dims")
     if query.dim() < 3:
         return
-    heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    heads_q, heads_k, heads_v = query.size(-3), key.size(-3), value.size(-3)  # .shape fails on strided NestedTensors
     if heads_k != heads_v:
         raise ValueError(f"key and value must have the same number of heads, got {heads_k} and {heads_v}")
     if heads_q != heads_k and not enable_gqa:
