@@ -110,8 +110,9 @@ def compile_for_arch(code: str, name_expressions, arch: str) -> bytes:
         nvrtc.destroyProgram(program)
 
 
-def kernel(family: str, name_expression: str, device: torch.device):
-    """The compiled instance `name_expression` of kernels_cu/<family>.cu for `device`."""
+def kernel(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int = 0):
+    """The compiled instance `name_expression` of kernels_cu/<family>.cu for `device`,
+    allowed `dynamic_shared_mem` bytes of dynamic shared memory (above 48 KB needs opting in)."""
     key = (family, name_expression, device.index)
     found = _kernels.get(key)
     if found is not None:
@@ -124,6 +125,8 @@ def kernel(family: str, name_expression: str, device: torch.device):
                                 name_expressions=[name_expression])
         try:
             found = module.get_function(name_expression)
+            if dynamic_shared_mem > 48 * 1024:
+                found.max_dynamic_shared_size_bytes = dynamic_shared_mem
         except cupy.cuda.compiler.CompileException as error:
             raise KernelCompileError(
                 f"compiling {name_expression} from kernels_cu/{family}.cu for {arch} failed:\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from . import math
+from . import flash, math
 
 
 class Backend(str, enum.Enum):
@@ -21,7 +21,7 @@ class Backend(str, enum.Enum):
 # Priority order: the specialist first, the fallback last.
 REGISTRY = {
     Backend.DECODE: None,
-    Backend.FLASH: None,
+    Backend.FLASH: flash,
     Backend.EFFICIENT: None,
     Backend.MATH: math,
 }
