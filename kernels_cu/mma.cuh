@@ -29,17 +29,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
 }
 
-// D = A (16x16, row) * B (16x8, col) + D, fp32 accumulators.
-template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
+// D = A (16x16, row) * B (16x8, col) + D, fp32 accumulators d[0..3].
+template <typename T> __device__ __forceinline__ void mma_16816(float* d, const unsigned (&a)[4],
                                                                  unsigned b0, unsigned b1);
-template <> __device__ __forceinline__ void mma_16816<half_t>(float (&d)[4], const unsigned (&a)[4],
+template <> __device__ __forceinline__ void mma_16816<half_t>(float* d, const unsigned (&a)[4],
                                                                unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-template <> __device__ __forceinline__ void mma_16816<bf16_t>(float (&d)[4], const unsigned (&a)[4],
+template <> __device__ __forceinline__ void mma_16816<bf16_t>(float* d, const unsigned (&a)[4],
                                                                unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"

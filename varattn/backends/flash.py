@@ -1,9 +1,14 @@
-"""The flash backend: the tensor-core forward of kernels_cu/flash_fwd.cu, fp16 and bf16.
+"""The flash backend: the tensor-core forward, fp16 and bf16.
+
+kernels_cu/flash_fwd_hopper.cu (wgmma) on Hopper for head dims 64, 128 and
+256; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ for the rest.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
 LSE, head dims 32 to 256; no bias, no dropout, no backward yet.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy
 import torch
@@ -21,25 +26,54 @@ CAPABILITIES = capabilities.Capabilities(
     window=True,
 )
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
-THREADS = 128       # kernels_cu/flash_fwd.cu: FLASH_THREADS
-PLAN_THREADS = 256  # kernels_cu/flash_fwd.cu: PLAN_THREADS
-# (BLOCK_M, BLOCK_N) per head dim: the largest tiles that keep S and O in
-# registers without spilling (see the table at the top of flash_fwd.cu).
-TILES = {32: (128, 64), 64: (128, 64), 96: (128, 32), 128: (128, 64), 192: (64, 64), 256: (64, 64)}
-TILES_SM80 = {**TILES, 128: (128, 32)}  # sm_80's register allocation spills at (128, 64)
+PLAN_THREADS = 256  # kernels_cu/flash_common.cuh: PLAN_THREADS
 
 
-def _tiles(head_dim: int, arch: str) -> tuple[int, int]:
-    return (TILES if arch.startswith("sm_9") else TILES_SM80)[head_dim]
+@dataclass(frozen=True)
+class Kernel:
+    """One forward instance and how to launch it."""
+    family: str              # kernels_cu/<family>.cu, and the kernel's name there
+    block_m: int
+    block_n: int
+    threads: int
+    shared_mem: int          # dynamic shared memory, bytes
+
+    def instance(self, dtype, head_dim) -> str:
+        return f"{self.family}<{STORAGE_TYPES[dtype]}, {head_dim}, {self._blocks}>"
+
+    @property
+    def _blocks(self) -> str:
+        return f"{self.block_m}, {self.block_n}" if self.family == "flash_fwd" else str(self.block_n)
 
 
-def _instance(dtype, head_dim, block_m, block_n) -> str:
-    return f"flash_fwd<{STORAGE_TYPES[dtype]}, {head_dim}, {block_m}, {block_n}>"
+def _mma_sync(head_dim, block_m, block_n):
+    # Q + K + V tiles, rows padded by 16 bytes (kernels_cu/flash_fwd.cu)
+    return Kernel("flash_fwd", block_m, block_n, 128, (block_m + 2 * block_n) * (head_dim + 8) * 2)
 
 
-loader.register_family("flash_fwd", sorted(
-    {_instance(t, d, *tiles[d]) for t in STORAGE_TYPES for tiles in (TILES, TILES_SM80) for d in HEAD_DIMS}
-    | {f"flash_plan<{m}>" for m in {m for m, _ in TILES.values()}}))
+def _wgmma(head_dim, block_n):
+    # Q + 2 K + 3 V tiles, plus 1 KB to align the swizzle atoms (kernels_cu/flash_fwd_hopper.cu)
+    return Kernel("flash_fwd_hopper", 128, block_n, 256, (128 + 5 * block_n) * head_dim * 2 + 1024)
+
+
+# The largest tiles that keep S and O in registers without spilling; the
+# tables at the top of the two .cu files say why.
+MMA_SYNC = {32: _mma_sync(32, 128, 64), 64: _mma_sync(64, 128, 64), 96: _mma_sync(96, 128, 32),
+            128: _mma_sync(128, 128, 32), 192: _mma_sync(192, 64, 64), 256: _mma_sync(256, 64, 64)}
+WGMMA = {64: _wgmma(64, 128), 128: _wgmma(128, 128), 256: _wgmma(256, 64)}
+
+
+def kernel_for(head_dim: int, arch: str) -> Kernel:
+    """wgmma on Hopper (sm_90a) where it has an instance, mma.sync elsewhere."""
+    if arch == "sm_90a" and head_dim in WGMMA:
+        return WGMMA[head_dim]
+    return MMA_SYNC[head_dim]
+
+
+for _family in ("flash_fwd", "flash_fwd_hopper"):
+    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items()) if k[1].family == _family]
+    loader.register_family(_family, sorted(
+        {k.instance(t, d) for d, k in _kernels for t in STORAGE_TYPES} | {f"flash_plan<{k.block_m}>" for _, k in _kernels}))
 
 
 def reasons(params) -> list[str]:
@@ -57,25 +91,21 @@ def reasons(params) -> list[str]:
     return found
 
 
-def shared_mem_bytes(head_dim: int, block_m: int, block_n: int) -> int:
-    return (block_m + 2 * block_n) * (head_dim + 8) * 2
-
-
 def forward(params):
     out, lse = params.new_out(), params.new_lse()
     batch, heads = params.batch_size, params.num_heads
     if params.total_q == 0 or batch == 0:
         return out, lse
     device = params.device
-    block_m, block_n = _tiles(params.head_dim, loader.arch_of(device))
-    shared_mem = shared_mem_bytes(params.head_dim, block_m, block_n)
-    plan_kernel = loader.kernel("flash_fwd", f"flash_plan<{block_m}>", device)
-    fwd_kernel = loader.kernel("flash_fwd", _instance(params.dtype, params.head_dim, block_m, block_n), device,
-                               dynamic_shared_mem=shared_mem)
+    chosen = kernel_for(params.head_dim, loader.arch_of(device))
+    plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
+    fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
+                               dynamic_shared_mem=chosen.shared_mem)
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)  # order, then tile offsets
     args = (kernel_params.pack(params, out, lse), numpy.uint64(plan.data_ptr()),
             numpy.uint64(plan.data_ptr() + 4 * batch))
     loader.launch(plan_kernel, (1,), (PLAN_THREADS,), args, device)
-    tiles_upper_bound = -(-params.total_q // block_m) + batch
-    loader.launch(fwd_kernel, (tiles_upper_bound * heads,), (THREADS,), args, device, shared_mem=shared_mem)
+    tiles_upper_bound = -(-params.total_q // chosen.block_m) + batch
+    loader.launch(fwd_kernel, (tiles_upper_bound * heads,), (chosen.threads,), args, device,
+                  shared_mem=chosen.shared_mem)
     return out, lse

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .. import checks, loader
-from . import capabilities
+from . import capabilities, math_cpu, math_cuda
 
 CAPABILITIES = capabilities.Capabilities(
     devices=("cpu", "cuda"),
@@ -42,8 +42,4 @@ def rows_per_chunk(params) -> int:
 
 
 def forward(params):
-    if params.device.type == "cpu":
-        from . import math_cpu as implementation
-    else:
-        from . import math_cuda as implementation
-    return implementation.forward(params)
+    return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from . import math as math_backend
 
 
 def _spans(cu_seqlens, seqused):
@@ -28,12 +27,12 @@ def key_visible(rows, len_q: int, len_k: int, params) -> torch.Tensor:
     return visible
 
 
-def forward(params):
+def forward(params, chunk: int):
+    """(out, lse), materialising scores for `chunk` query rows at a time."""
     out, lse = params.new_out(), params.new_lse()
     acc = params.lse_dtype
     heads, heads_kv = params.num_heads, params.num_heads_kv
     group = heads // heads_kv
-    chunk = math_backend.rows_per_chunk(params)
     starts_q, lengths_q = _spans(params.cu_seqlens_q, params.seqused_q)
     starts_k, lengths_k = _spans(params.cu_seqlens_k, params.seqused_k)
     for b, (start_q, len_q, start_k, len_k) in enumerate(zip(starts_q, lengths_q, starts_k, lengths_k)):

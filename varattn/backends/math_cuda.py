@@ -5,7 +5,6 @@ import numpy
 import torch
 
 from .. import kernel_params, loader
-from . import math as math_backend
 
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t", torch.float32: "float", torch.float64: "double"}
 KERNELS = ("math_scores", "math_softmax", "math_weighted_sum")
@@ -14,11 +13,11 @@ THREADS = 128  # kernels_cu/math.cu: THREADS
 loader.register_family("math", [f"{k}<{t}>" for k in KERNELS for t in STORAGE_TYPES.values()])
 
 
-def forward(params):
+def forward(params, chunk: int):
+    """(out, lse), materialising scores for `chunk` query rows at a time."""
     out, lse = params.new_out(), params.new_lse()
     if params.total_q == 0 or params.num_heads == 0:
         return out, lse
-    chunk = math_backend.rows_per_chunk(params)
     scores = torch.empty(chunk * params.num_heads * max(params.max_seqlen_k, 1),
                          dtype=params.lse_dtype, device=params.device)
     packed = kernel_params.pack(params, out, lse)
