@@ -73,11 +73,13 @@ def explain_params(params) -> Explanation:
 
 
 def select(params):
-    """The module of the backend that runs the call; raises NoBackendError if none can."""
-    explanation = explain_params(params)
-    if explanation.chosen is None:
-        raise NoBackendError("varattn: no backend can run this call.\n" + str(explanation))
-    return REGISTRY[explanation.chosen]
+    """The module of the first allowed backend that can run the call (later
+    ones are not asked); raises NoBackendError listing every backend's reasons."""
+    allowed = _allowed.get()
+    for backend, module in REGISTRY.items():
+        if module is not None and backend in allowed and not module.reasons(params):
+            return module
+    raise NoBackendError("varattn: no backend can run this call.\n" + str(explain_params(params)))
 
 
 def run(params):

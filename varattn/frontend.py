@@ -6,6 +6,7 @@ result handed back in the same form.
 """
 from __future__ import annotations
 
+import numpy
 import torch
 
 from . import dispatch, nested, padded
@@ -112,7 +113,7 @@ def _same_rows(k_form, v_form) -> None:
             # Separately built NestedTensors: compare contents (a sync on CUDA, only in this case).
             if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
                 raise ValueError("key and value must have the same sequence lengths and offsets")
-    elif (k_form.starts, k_form.seq_lengths) != (v_form.starts, v_form.seq_lengths):
+    elif not (numpy.array_equal(k_form.starts, v_form.starts) and numpy.array_equal(k_form.seq_lengths, v_form.seq_lengths)):
         raise ValueError("key and value must have the same sequence lengths and layout")
 
 

@@ -5,17 +5,20 @@ first use, one `cupy.RawModule` per instance and device, by NVRTC for that
 device's architecture (`sm_90a` on Hopper, so its own instructions are
 available). CuPy's on-disk cache (~/.cupy/kernel_cache) makes a second
 process start fast; the local `#include "x.cuh"` lines are inlined first so
-that the cache key covers the headers too. Launches go to
+that the cache key covers the headers too. Launches go through the driver to
 `torch.cuda.current_stream()` of the tensors' device.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 log = logging.getLogger("varattn")
@@ -30,7 +33,6 @@ _INCLUDE = re.compile(r'^[ \t]*#include\s+"([^"]+)"[ \t]*$', re.MULTILINE)
 FAMILIES: dict[str, tuple[str, ...]] = {}
 
 _kernels: dict = {}
-_streams: dict = {}
 
 
 class KernelCompileError(RuntimeError):
@@ -110,7 +112,15 @@ def compile_for_arch(code: str, name_expressions, arch: str) -> bytes:
         nvrtc.destroyProgram(program)
 
 
-def kernel(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int = 0):
+@dataclass(frozen=True)
+class Kernel:
+    """A compiled kernel instance, loaded on one device."""
+    name: str
+    function: int       # CUfunction
+    device_index: int
+
+
+def kernel(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int = 0) -> Kernel:
     """The compiled instance `name_expression` of kernels_cu/<family>.cu for `device`,
     allowed `dynamic_shared_mem` bytes of dynamic shared memory (above 48 KB needs opting in)."""
     key = (family, name_expression, device.index)
@@ -124,9 +134,10 @@ def kernel(family: str, name_expression: str, device: torch.device, dynamic_shar
         module = cupy.RawModule(code=source(family), options=compile_options(arch),
                                 name_expressions=[name_expression])
         try:
-            found = module.get_function(name_expression)
+            raw = module.get_function(name_expression)
             if dynamic_shared_mem > 48 * 1024:
-                found.max_dynamic_shared_size_bytes = dynamic_shared_mem
+                raw.max_dynamic_shared_size_bytes = dynamic_shared_mem
+            found = Kernel(name_expression, raw.kernel.ptr, device.index)
         except cupy.cuda.compiler.CompileException as error:
             raise KernelCompileError(
                 f"compiling {name_expression} from kernels_cu/{family}.cu for {arch} failed:\n"
@@ -137,12 +148,21 @@ def kernel(family: str, name_expression: str, device: torch.device, dynamic_shar
     return found
 
 
-def launch(kernel_function, grid, block, args, device: torch.device, shared_mem: int = 0) -> None:
-    """Launch on the current torch stream of `device`."""
+def launch(kernel_: Kernel, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on the current torch stream of the kernel's device.
+
+    args: NumPy scalars or structured arrays, each passed by value as its
+    bytes. The driver is called directly: CuPy's argument handling of a
+    structured array costs tens of microseconds per launch.
+    """
     cupy = _cupy()
-    stream_ptr = torch.cuda.current_stream(device).cuda_stream
-    stream = _streams.get((stream_ptr, device.index))
-    if stream is None:
-        stream = _streams[(stream_ptr, device.index)] = cupy.cuda.ExternalStream(stream_ptr, device.index)
-    with cupy.cuda.Device(device.index), stream:
-        kernel_function(grid, block, args, shared_mem=shared_mem)
+    values = [numpy.ascontiguousarray(a) for a in args]  # alive until the driver has copied them
+    pointers = (ctypes.c_void_p * len(values))(*[v.ctypes.data for v in values])
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    stream = torch.cuda.current_stream(kernel_.device_index).cuda_stream
+    if cupy.cuda.runtime.getDevice() == kernel_.device_index:
+        cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream, ctypes.addressof(pointers), 0)
+    else:
+        with cupy.cuda.Device(kernel_.device_index):
+            cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
+                                          ctypes.addressof(pointers), 0)

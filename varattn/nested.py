@@ -10,10 +10,11 @@ the same layout over a fresh buffer.
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .ragged import Ragged, to_device_int32
 
@@ -26,8 +27,9 @@ class NestedForm:
     offsets: torch.Tensor | None = None   # jagged: the caller's, so outputs share its ragged size
     lengths: torch.Tensor | None = None
     max_seqlen: int = 0
-    starts: tuple[int, ...] = ()        # strided: first row of each component
-    seq_lengths: tuple[int, ...] = ()
+    starts: numpy.ndarray | None = None       # strided: first row of each component
+    seq_lengths: numpy.ndarray | None = None
+    _metadata: dict = field(default_factory=dict, compare=False, repr=False)  # strided outputs' layouts
 
     def rebuild(self, values: torch.Tensor) -> torch.Tensor:
         """values: (rows, *features) -> NestedTensor with the ragged dim back in place."""
@@ -35,21 +37,40 @@ class NestedForm:
             nested = torch.nested.nested_tensor_from_jagged(
                 values, offsets=self.offsets, lengths=self.lengths, max_seqlen=self.max_seqlen)
             return nested.transpose(1, 2) if self.ragged_dim == 2 else nested
-        return _strided_view(values, self.ragged_dim - 1, self.starts, self.seq_lengths)
+        base = values if values.is_contiguous() else values.transpose(0, 1)  # lse comes as (H, rows).T
+        if not base.is_contiguous():
+            values = base = values.contiguous()
+        key = (values.shape[1:], values.stride())
+        metadata = self._metadata.get(key)
+        if metadata is None:
+            metadata = self._metadata[key] = _strided_metadata(values, self.ragged_dim - 1, self.starts,
+                                                               self.seq_lengths)
+        return torch._nested_view_from_buffer(base.reshape(-1), *metadata)
 
 
 def is_nested(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_nested
 
 
+# A NestedTensor's layout never changes, so its packed form is computed once
+# per object: repeated calls on the same batch pay no host work for it.
+_unpacked = WeakIdKeyDictionary()
+
+
 def unpack(nt: torch.Tensor, ragged_dim: int, name: str) -> tuple[Ragged, NestedForm]:
     """The packed form of `nt`, whose sequence dimension is `ragged_dim`."""
+    found = _unpacked.get(nt)
+    if found is not None and found[0] == ragged_dim:
+        return found[1], found[2]
     if ragged_dim not in (1, 2) or nt.dim() <= ragged_dim:
         raise ValueError(f"{name} must be a NestedTensor ragged in dim 1 or 2 of at least {ragged_dim + 1} dims; "
                          f"got ragged dim {ragged_dim} of {nt.dim()}")
     if nt.layout == torch.jagged:
-        return _unpack_jagged(nt, ragged_dim, name)
-    return _unpack_strided(nt, ragged_dim, name)
+        ragged, form = _unpack_jagged(nt, ragged_dim, name)
+    else:
+        ragged, form = _unpack_strided(nt, ragged_dim, name)
+    _unpacked[nt] = (ragged_dim, ragged, form)
+    return ragged, form
 
 
 def _unpack_jagged(nt, ragged_dim, name):
@@ -71,86 +92,76 @@ def _unpack_jagged(nt, ragged_dim, name):
 
 def _unpack_strided(nt, ragged_dim, name):
     # Metadata of a strided NestedTensor lives on the host: reading it costs no sync.
-    sizes = nt._nested_tensor_size().tolist()
-    strides = nt._nested_tensor_strides().tolist()
-    offsets = nt._nested_tensor_storage_offsets().tolist()
-    seq = ragged_dim - 1
-    feature_dims = [d for d in range(nt.dim() - 1) if d != seq]
-    if not sizes:
+    sizes = nt._nested_tensor_size().numpy()
+    strides = nt._nested_tensor_strides().numpy()
+    offsets = nt._nested_tensor_storage_offsets().numpy()
+    if sizes.shape[0] == 0:
         raise ValueError(f"{name} is an empty NestedTensor (batch size 0)")
-    features = [sizes[0][d] for d in feature_dims]
-    for size in sizes:
-        if [size[d] for d in feature_dims] != features:
-            raise ValueError(
-                f"{name}: components differ outside the sequence dim {ragged_dim}: "
-                f"{[tuple(s) for s in sizes]}")
-    lengths = [size[seq] for size in sizes]
+    seq = ragged_dim - 1
+    features = numpy.delete(sizes, seq, axis=1)
+    if (features != features[0]).any():
+        raise ValueError(f"{name}: components differ outside the sequence dim {ragged_dim}: {sizes.tolist()}")
+    features = features[0].tolist()
+    lengths = sizes[:, seq]
     layout = _shared_buffer_layout(strides, offsets, lengths, seq)
-    device = nt.device
     if layout is None:  # components laid out unevenly (or all empty): gather them, a copy
-        values = torch.cat([c.movedim(seq, 0) for c in nt.unbind()]) if any(lengths) else \
-            torch.empty(0, *features, dtype=nt.dtype, device=device)
-        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        values = torch.cat([c.movedim(seq, 0) for c in nt.unbind()]) if lengths.any() else \
+            torch.empty(0, *features, dtype=nt.dtype, device=nt.device)
+        starts = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]])
+        contiguous = True
     else:
-        first, starts = layout
-        template = next(s for s, n in zip(strides, lengths) if n)
+        first_offset, starts, row_strides = layout
         buffer = nt.values()
-        values = buffer.as_strided((starts[-1] + lengths[-1], *features),
-                                   (template[seq], *[template[d] for d in feature_dims]),
-                                   buffer.storage_offset() + first)
-    dense = list(itertools.accumulate(lengths, initial=0))
-    contiguous = dense[:-1] == starts
+        values = buffer.as_strided((int(starts[-1] + lengths[-1]), *features), row_strides,
+                                   buffer.storage_offset() + first_offset)
+        contiguous = bool(starts[0] == 0 and (starts[1:] == numpy.cumsum(lengths)[:-1]).all())
+    ends = starts + lengths
+    # cu_seqlens (and lengths when slots hold more rows than their sequence) in one copy to the device
+    host = numpy.concatenate([starts, ends[-1:]] + ([] if contiguous else [lengths]))
+    device_values = to_device_int32(host, nt.device)
+    batch = len(lengths)
     ragged = Ragged(
         values=values,
-        cu_seqlens=to_device_int32(starts + [starts[-1] + lengths[-1]], device),
-        seqused=None if contiguous else to_device_int32(lengths, device),
-        max_seqlen=max(lengths),
+        cu_seqlens=device_values[:batch + 1],
+        seqused=None if contiguous else device_values[batch + 1:],
+        max_seqlen=int(lengths.max()),
     )
-    form = NestedForm(jagged=False, ragged_dim=ragged_dim, starts=tuple(starts), seq_lengths=tuple(lengths))
-    return ragged, form
+    return ragged, NestedForm(jagged=False, ragged_dim=ragged_dim, starts=starts, seq_lengths=lengths)
 
 
 def _shared_buffer_layout(strides, offsets, lengths, seq):
-    """(offset of row 0, first row of each component) when the non-empty
-    components share one layout with unit stride on the last dim and follow
-    each other in the buffer without overlap, as views of one (rows, ...)
-    tensor do (chunks of a projection included); else None."""
-    present = [(s, o) for s, o, n in zip(strides, offsets, lengths) if n]
-    if not present:
+    """(offset of row 0, first row of each component, strides of the packed view)
+    when the non-empty components share one layout with unit stride on the
+    last dim and follow each other in the buffer without overlap, as views of
+    one (rows, ...) tensor do (chunks of a projection included); else None."""
+    present = lengths > 0
+    if not present.any():
         return None
-    template = present[0][0]
-    row_stride = template[seq]
-    if template[-1] != 1 or row_stride <= 0 or any(s != template for s, _ in present):
+    template = strides[present][0]
+    row_stride = int(template[seq])
+    if template[-1] != 1 or row_stride <= 0 or (strides[present] != template).any():
         return None
-    first = present[0][1] % row_stride
-    if any((o - first) % row_stride for _, o in present):
+    first_offset = int(offsets[present][0] % row_stride)
+    if ((offsets[present] - first_offset) % row_stride).any():
         return None
-    starts, end = [], 0
-    for o, n in zip(offsets, lengths):
-        start = (o - first) // row_stride if n else end
-        if start < end:
-            return None
-        starts.append(start)
-        end = start + n
-    return first, starts
+    starts = (offsets - first_offset) // row_stride
+    # an empty component starts where the one before it ends
+    ends = numpy.where(present, starts + lengths, 0)
+    previous_end = numpy.concatenate([[0], numpy.maximum.accumulate(ends)[:-1]])
+    starts = numpy.where(present, starts, previous_end)
+    if starts[0] < 0 or (starts[1:] < (starts + lengths)[:-1]).any():
+        return None
+    return first_offset, starts, (row_stride, *numpy.delete(template, seq).tolist())
 
 
-def _strided_view(values, seq, starts, lengths):
-    """A strided NestedTensor whose component b is rows [starts[b], +lengths[b]) of `values`,
-    with the sequence at component dim `seq`."""
-    base = values if values.is_contiguous() else values.transpose(0, 1)  # lse comes as (H, rows).T
-    if not base.is_contiguous():
-        values = base = values.contiguous()
-    features = list(values.shape[1:])
-    feature_strides = list(values.stride()[1:])
-    row_stride = values.stride(0)
-    sizes, strides = [], []
-    for n in lengths:
-        size = features[:seq] + [n] + features[seq:]
-        stride = feature_strides[:seq] + [row_stride] + feature_strides[seq:]
-        sizes.append(size)
-        strides.append(stride)
-    offsets = [start * row_stride for start in starts]
-    return torch._nested_view_from_buffer(
-        base.reshape(-1), torch.tensor(sizes, dtype=torch.int64), torch.tensor(strides, dtype=torch.int64),
-        torch.tensor(offsets, dtype=torch.int64))
+def _strided_metadata(values, seq, starts, lengths):
+    """(sizes, strides, offsets) of a strided NestedTensor whose component b is
+    rows [starts[b], starts[b] + lengths[b]) of `values`, the sequence at
+    component dim `seq`."""
+    batch = len(lengths)
+    features = numpy.array(values.shape[1:], dtype=numpy.int64)
+    feature_strides = numpy.array(values.stride()[1:], dtype=numpy.int64)
+    sizes = numpy.insert(numpy.broadcast_to(features, (batch, len(features))), seq, lengths, axis=1)
+    strides = numpy.insert(numpy.broadcast_to(feature_strides, (batch, len(features))), seq, values.stride(0), axis=1)
+    offsets = numpy.asarray(starts, dtype=numpy.int64) * values.stride(0)
+    return torch.from_numpy(sizes), torch.from_numpy(strides), torch.from_numpy(offsets)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 
@@ -15,12 +16,12 @@ class Ragged:
 
 
 def to_device_int32(values, device) -> torch.Tensor:
-    """A host list of ints as an int32 tensor on `device`, without a sync.
+    """Host ints (a list or a NumPy array) as an int32 tensor on `device`, without a sync.
 
     A copy from pageable memory would wait for the device; from pinned
     memory with non_blocking it is queued on the current stream.
     """
-    host = torch.tensor(values, dtype=torch.int32)
+    host = torch.from_numpy(numpy.asarray(values, dtype=numpy.int32))
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)

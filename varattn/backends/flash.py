@@ -104,8 +104,7 @@ def forward(params):
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)  # order, then tile offsets
     args = (kernel_params.pack(params, out, lse), numpy.uint64(plan.data_ptr()),
             numpy.uint64(plan.data_ptr() + 4 * batch))
-    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), args, device)
+    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), args)
     tiles_upper_bound = -(-params.total_q // chosen.block_m) + batch
-    loader.launch(fwd_kernel, (tiles_upper_bound * heads,), (chosen.threads,), args, device,
-                  shared_mem=chosen.shared_mem)
+    loader.launch(fwd_kernel, (tiles_upper_bound * heads,), (chosen.threads,), args, shared_mem=chosen.shared_mem)
     return out, lse

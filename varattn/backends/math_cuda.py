@@ -27,5 +27,5 @@ def forward(params, chunk: int):
         rows = min(chunk, params.total_q - first)
         args = (packed, numpy.int64(first), numpy.uint64(scores.data_ptr()))
         for kernel in kernels:
-            loader.launch(kernel, (rows, params.num_heads), (THREADS,), args, params.device)
+            loader.launch(kernel, (rows, params.num_heads), (THREADS,), args)
     return out, lse
