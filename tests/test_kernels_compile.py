@@ -1,0 +1,34 @@
+"""Every kernel in kernels_cu/ builds with NVRTC for sm_80 and sm_90a, without a GPU."""
+from __future__ import annotations
+
+import pytest
+
+import varattn
+from varattn import kernel_params, loader
+
+pytestmark = pytest.mark.skipif(loader.cupy_missing_reason() is not None,
+                                reason=str(loader.cupy_missing_reason()))
+
+FAMILIES = sorted(path.stem for path in loader.SOURCE_DIR.glob("*.cu"))
+
+
+def test_every_kernel_file_has_a_registered_family():
+    assert FAMILIES and set(FAMILIES) <= set(loader.FAMILIES), "register the family's instances with the loader"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_compiles(family, arch):
+    if family.endswith("_hopper") and arch != "sm_90a":
+        pytest.skip("Hopper-only kernels")
+    cubin = loader.compile_for_arch(loader.source(family), loader.FAMILIES[family], arch)
+    assert len(cubin) > 1000
+
+
+def test_host_and_device_params_layouts_agree():
+    loader.compile_for_arch(loader.source("math") + kernel_params.layout_assertions(), [], "sm_80")
+
+
+def test_compile_error_carries_the_log():
+    with pytest.raises(varattn.KernelCompileError, match="error"):
+        loader.compile_for_arch("this is not CUDA", [], "sm_80")

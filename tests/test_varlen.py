@@ -1,0 +1,138 @@
+"""varlen_attention against the float64 reference, on the CPU (math backend) and, marked gpu, on CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference
+import varattn
+from conftest import LSE_TOLERANCE, TOLERANCE
+
+MASKS = [
+    dict(),
+    dict(causal=True),
+    dict(causal=True, causal_align="lower_right"),
+    dict(window=(3, 0)),
+    dict(window=(2, 5), causal_align="lower_right"),
+    dict(causal=True, window=(4, -1)),
+    dict(window=(-1, 2)),
+]
+HEADS = [(4, 4), (4, 2), (6, 1)]
+
+
+def check(gen, dtype, device, *, heads=(4, 2), head_dim=16, head_dim_v=None, batch=6, longest=19, same_lengths=False,
+          bias=None, seqused=False, backend=None, **options):
+    heads_q, heads_kv = heads
+    lengths_q = reference.lengths(gen, batch, longest)
+    lengths_k = lengths_q if same_lengths else reference.lengths(gen, batch, longest + 5)
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, lengths_q, lengths_k, heads_q, heads_kv, head_dim, head_dim_v,
+                                                  dtype, device)
+    used_q = used_k = None
+    if seqused:  # slots larger than their sequences: only the first rows of each are used
+        used_q = torch.tensor([n // 2 for n in lengths_q], dtype=torch.int32, device=device)
+        used_k = torch.tensor([(n + 1) // 2 for n in lengths_k], dtype=torch.int32, device=device)
+    attn_bias = None
+    if bias is not None:
+        shape = {"bool": (batch, 1, max(lengths_q), max(lengths_k)), "additive": (1, heads_q, max(lengths_q) + 3, max(lengths_k)),
+                 "keys": (batch, 1, 1, max(lengths_k))}[bias]
+        attn_bias = (torch.rand(shape, generator=gen) > 0.3 if bias in ("bool", "keys")
+                     else reference.randn(gen, *shape, dtype=dtype)).to(device)
+    expected, expected_lse = reference.attention(q, k, v, cu_q, cu_k, seqused_q=used_q, seqused_k=used_k,
+                                                 attn_bias=attn_bias, **options)
+    with (varattn.use_backends(backend) if backend else varattn.use_backends(*varattn.Backend)):
+        out, lse = varattn.varlen_attention(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), attn_bias=attn_bias,
+                                            seqused_q=used_q, seqused_k=used_k, return_lse=True, **options)
+    assert out.dtype == dtype and out.shape == (q.shape[0], heads_q, head_dim_v or head_dim)
+    assert reference.relative_error(out, expected) <= TOLERANCE[dtype]
+    assert reference.lse_error(lse, expected_lse) <= LSE_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+def test_masks_cpu(gen, dtype, mask):
+    check(gen, dtype, "cpu", **mask)
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=str)
+@pytest.mark.parametrize("head_dim", [8, 24, 64])
+def test_heads_and_head_dims_cpu(gen, heads, head_dim):
+    check(gen, torch.float64, "cpu", heads=heads, head_dim=head_dim, causal=True)
+
+
+@pytest.mark.parametrize("bias", ["bool", "additive", "keys"])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True, causal_align="lower_right")], ids=str)
+def test_bias_cpu(gen, bias, mask):
+    check(gen, torch.float64, "cpu", bias=bias, **mask)
+
+
+def test_seqused_scale_and_head_dim_v_cpu(gen):
+    check(gen, torch.float64, "cpu", seqused=True, scale=0.3, head_dim_v=40, causal=True)
+
+
+def test_lq_longer_than_lk_lower_right_rows_see_nothing(gen):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [6], [2], 2, 2, 8, dtype=torch.float64)
+    out, lse = varattn.varlen_attention(q, k, v, cu_q, cu_k, 6, 2, causal=True, causal_align="lower_right",
+                                        return_lse=True)
+    assert torch.equal(out[:4], torch.zeros_like(out[:4])) and torch.isinf(lse[:, :4]).all()
+    assert not torch.isnan(out).any()
+
+
+def test_fully_masked_rows_give_zeros_not_nan(gen):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3], [4], 2, 2, 8, dtype=torch.float64)
+    mask = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    out, lse = varattn.varlen_attention(q, k, v, cu_q, cu_k, 3, 4, attn_bias=mask, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isinf(lse[:, 1]).all()
+
+
+def test_max_seqlen_computed_when_left_out(gen):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5, 0, 9], [3, 2, 7], 2, 1, 8, dtype=torch.float64)
+    expected, _ = reference.attention(q, k, v, cu_q, cu_k)
+    assert reference.relative_error(varattn.varlen_attention(q, k, v, cu_q, cu_k), expected) <= 1e-10
+
+
+def test_math_workspace_chunks_cpu(gen, monkeypatch):
+    monkeypatch.setattr(varattn.backends.math, "WORKSPACE_BYTES", 4 * 1024)
+    check(gen, torch.float64, "cpu", causal=True, longest=40)
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the math kernels for every dtype, the flash kernels for fp16/bf16.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 40, 64, 128, 256, 512])
+@pytest.mark.parametrize("mask", MASKS[:4], ids=str)
+def test_math_kernels(gen, dtype, head_dim, mask):
+    check(gen, dtype, "cuda", backend="math", head_dim=head_dim, heads=(4, 2), longest=70, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", ["bool", "additive", "keys"])
+def test_math_kernels_bias_seqused(gen, bias):
+    check(gen, torch.float32, "cuda", backend="math", bias=bias, seqused=True, causal=True)
+
+
+@pytest.mark.gpu
+def test_math_kernels_workspace_chunks(gen, monkeypatch):
+    monkeypatch.setattr(varattn.backends.math, "WORKSPACE_BYTES", 64 * 1024)
+    check(gen, torch.float32, "cuda", backend="math", longest=300, batch=9, causal=True)
+
+
+FLASH_MASKS = MASKS + [dict(window=(37, 5)), dict(causal=True, causal_align="lower_right", window=(100, -1))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+def test_flash(gen, dtype, head_dim, mask):
+    heads = [(8, 8), (8, 2), (8, 1), (16, 2)][hash(str(mask)) % 4]  # GQA 1, 4, 8 and MQA across the matrix
+    check(gen, dtype, "cuda", backend="flash", head_dim=head_dim, heads=heads, batch=7, longest=700, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_seqused_and_long_sequences(gen, head_dim):
+    check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, seqused=True, batch=4, longest=2100,
+          causal=True)
