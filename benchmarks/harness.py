@@ -1,0 +1,110 @@
+"""How every suite times its comparators: the device synchronised inside the
+timed call, warm-up (compiles) outside it, rounds sized to a time budget, and
+TFLOP/s (TB/s for decode) recorded in extra_info."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import varattn
+from workloads import SMOKE, WORKLOADS, Inputs
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-nested", "torch-padded", "flex"]
+
+
+def inputs_for(name: str) -> Inputs:
+    if DEVICE.type != "cuda" and not SMOKE:
+        pytest.skip("benchmarks need CUDA (VARATTN_BENCH_SMOKE=1 runs them small on the CPU)")
+    return Inputs(WORKLOADS[name], DEVICE)
+
+
+def _synchronised(fn):
+    def run():
+        fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def _varattn(inputs, backend):
+    w = inputs.workload
+    explanation = None
+    with varattn.use_backends(backend):
+        if w.name == "W5":  # the whole NestedTensor call, front end included
+            q, k, v = inputs.nested(torch.strided)
+            explanation = varattn.explain(q, k, v, causal=w.causal)
+            if explanation.chosen is None:
+                pytest.skip(f"{backend.value}: {'; '.join(explanation.reasons[backend])}")
+            call = lambda: varattn.attention(q, k, v, causal=w.causal)
+        else:
+            args = (inputs.q, inputs.k, inputs.v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
+            explanation = varattn.explain(*args, causal=w.causal)
+            if explanation.chosen is None:
+                pytest.skip(f"{backend.value}: {'; '.join(explanation.reasons[backend])}")
+            call = lambda: varattn.varlen_attention(*args, causal=w.causal)
+
+    def run():
+        with varattn.use_backends(backend):
+            call()
+    return run
+
+
+def comparator(inputs, name):
+    """The callable timed for comparator `name` on these inputs (or pytest.skip)."""
+    w = inputs.workload
+    if name.startswith("varattn-"):
+        return _varattn(inputs, varattn.Backend(name[len("varattn-"):]))
+    if name == "torch-nested":
+        q, k, v = inputs.nested(torch.strided if w.name == "W5" else torch.jagged)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
+    if name == "torch-padded":
+        q, k, v, mask = inputs.padded()
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        q, k, v, block_mask = inputs.flex()
+        compiled = torch.compile(flex_attention) if DEVICE.type == "cuda" else flex_attention
+        return lambda: compiled(q, k, v, block_mask=block_mask)
+    raise ValueError(name)
+
+
+def measure(benchmark, inputs, name, budget_s=1.0):
+    """Time `name` on `inputs` with pytest-benchmark and record its rate."""
+    w = inputs.workload
+    try:
+        fn = _synchronised(comparator(inputs, name))
+        started = time.perf_counter()
+        fn()  # warm-up: kernel compiles, torch.compile
+        fn()
+        once = max(time.perf_counter() - started, 1e-6) / 2
+    except pytest.skip.Exception:
+        raise
+    except Exception as error:  # an anchor that cannot run this workload
+        pytest.skip(f"{name} cannot run {w.name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    rounds = max(3, min(50, int(budget_s / once)))
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(workload=w.name, impl=name, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")
+    if w.decode:
+        benchmark.extra_info["tbps"] = w.bytes_moved / median / 1e12
+    else:
+        benchmark.extra_info["tflops"] = w.flops / median / 1e12
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def suite(name):
+    """The parametrised benchmark of workload `name` over every comparator, for a test module."""
+    inputs_cache = {}
+
+    @pytest.mark.benchmark(group=WORKLOADS[name].group)
+    @pytest.mark.parametrize("impl", COMPARATORS)
+    def test(benchmark, impl):
+        if "inputs" not in inputs_cache:
+            inputs_cache["inputs"] = inputs_for(name)
+        measure(benchmark, inputs_cache["inputs"], impl)
+    return test

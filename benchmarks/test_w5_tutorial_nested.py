@@ -1,0 +1,4 @@
+"""W5 of DESIGN.md: varattn's backends against torch SDPA (NestedTensor, padded + mask) and FlexAttention."""
+from harness import suite
+
+test_w5 = suite("W5")

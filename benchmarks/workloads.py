@@ -1,0 +1,152 @@
+"""The six workloads of DESIGN.md (W1-W6), defined once for every suite.
+
+Lengths are drawn with fixed seeds; data is random normal, never zeros.
+VARATTN_BENCH_SMOKE=1 shrinks every workload (lengths / 16, at most 4
+sequences, 2 heads) so the suites can be exercised on a CPU.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+SMOKE = os.environ.get("VARATTN_BENCH_SMOKE", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...]
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    decode: bool = False       # report TB/s rather than TFLOP/s
+
+    @property
+    def group(self) -> str:
+        return f"{self.name} {self.title}"
+
+    @property
+    def flops(self) -> int:
+        """Real work only: 4 H D sum(pairs), pairs L(L+1)/2 under a causal mask."""
+        pairs = sum(lq * (lq + 1) // 2 if self.causal and lq == lk else lq * lk
+                    for lq, lk in zip(self.lengths_q, self.lengths_k))
+        return 4 * self.heads * self.head_dim * pairs
+
+    @property
+    def bytes_moved(self) -> int:
+        """q, k and v read once, out written once."""
+        element = torch.finfo(self.dtype).bits // 8
+        return element * self.heads * self.head_dim * (2 * sum(self.lengths_q) + 2 * sum(self.lengths_k))
+
+
+def _docs(seed, count=32):
+    rng = random.Random(seed)
+    return [rng.randint(128, 2048) for _ in range(count)]
+
+
+def _tutorial(seed):
+    """The PyTorch SDPA tutorial's generate_rand_batch(32, 512, pad_percentage=0.5)."""
+    rng = random.Random(seed)
+    lengths = [int(512 * (1 - rng.gauss(0.5, 0.01))) for _ in range(32)]
+    lengths[rng.randrange(32)] = 512
+    return lengths
+
+
+def _long_tail(seed):
+    rng = random.Random(seed)
+    return [rng.randint(16, 256) for _ in range(60)] + [8192, 4096, 4096, 2048]
+
+
+def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, decode=False):
+    if SMOKE:
+        lengths_q = [max(1, n // 16) for n in lengths_q[:4]]
+        lengths_k = [max(1, n // 16) for n in lengths_k[:4]]
+        heads = min(heads, 2)
+    return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode)
+
+
+def _decode_keys(seed):
+    rng = random.Random(seed)
+    return [rng.randint(512, 8192) for _ in range(64)]
+
+
+WORKLOADS = {
+    "W1": _make("W1", "docs, full", _docs(1), _docs(1), 16, 128, torch.bfloat16, False),
+    "W2": _make("W2", "docs, causal", _docs(1), _docs(1), 16, 128, torch.bfloat16, True),
+    "W3": _make("W3", "docs H32 D64, causal", _docs(1), _docs(1), 32, 64, torch.bfloat16, True),
+    "W4": _make("W4", "long tail, causal", _long_tail(4), _long_tail(4), 16, 128, torch.bfloat16, True),
+    "W5": _make("W5", "tutorial NestedTensor, fp16", _tutorial(5), _tutorial(5), 8, 64, torch.float16, False),
+    "W6": _make("W6", "decode", [1] * 64, _decode_keys(6), 32, 128, torch.bfloat16, False, decode=True),
+}
+
+
+class Inputs:
+    """One workload's data in every form a comparator needs, built on `device`."""
+
+    def __init__(self, workload: Workload, device):
+        self.workload, self.device = workload, device
+        generator = torch.Generator().manual_seed(0)
+        h, d, dtype = workload.heads, workload.head_dim, workload.dtype
+
+        def randn(rows):
+            return torch.randn(rows, h, d, generator=generator).to(device, dtype)
+        self.q, self.k, self.v = randn(sum(workload.lengths_q)), randn(sum(workload.lengths_k)), randn(sum(workload.lengths_k))
+        self.cu_q = torch.tensor([0, *itertools.accumulate(workload.lengths_q)], dtype=torch.int32, device=device)
+        self.cu_k = torch.tensor([0, *itertools.accumulate(workload.lengths_k)], dtype=torch.int32, device=device)
+        self.max_q, self.max_k = max(workload.lengths_q), max(workload.lengths_k)
+
+    def nested(self, layout=torch.jagged):
+        """(B, H, j, D) NestedTensors over the same data."""
+        if layout == torch.jagged:
+            def make(values, cu, longest):
+                return torch.nested.nested_tensor_from_jagged(values, cu.long(), max_seqlen=longest).transpose(1, 2)
+            return (make(self.q, self.cu_q, self.max_q), make(self.k, self.cu_k, self.max_k),
+                    make(self.v, self.cu_k, self.max_k))
+        # the tutorial's way: a strided NestedTensor of (L, H * D) viewed as (B, H, j, D)
+        batch, h, d = len(self.workload.lengths_q), self.workload.heads, self.workload.head_dim
+
+        def make(values, lengths):
+            parts = [part.reshape(part.shape[0], h * d) for part in values.split(list(lengths))]
+            return torch.nested.nested_tensor(parts).view(batch, -1, h, d).transpose(1, 2)
+        return make(self.q, self.workload.lengths_q), make(self.k, self.workload.lengths_k), make(self.v, self.workload.lengths_k)
+
+    def padded(self):
+        """(B, H, L, D) padded tensors and the bool mask (True = take part) for torch SDPA."""
+        lengths_q = torch.tensor(self.workload.lengths_q, device=self.device)
+        lengths_k = torch.tensor(self.workload.lengths_k, device=self.device)
+
+        def pad(values, lengths, longest):
+            parts = values.split(lengths.tolist())
+            return torch.nested.nested_tensor(list(parts)).to_padded_tensor(0.0, (len(parts), longest, *values.shape[1:])).transpose(1, 2)
+        q, k, v = pad(self.q, lengths_q, self.max_q), pad(self.k, lengths_k, self.max_k), pad(self.v, lengths_k, self.max_k)
+        i = torch.arange(self.max_q, device=self.device)[None, :, None]
+        j = torch.arange(self.max_k, device=self.device)[None, None, :]
+        mask = (j < lengths_k[:, None, None]) & (i < lengths_q[:, None, None])
+        if self.workload.causal:
+            mask = mask & (j <= i)
+        # a padded query row that sees nothing would give NaN in torch: let it see key 0
+        mask = mask | ((j == 0) & ~mask.any(-1, keepdim=True))
+        return q, k, v, mask[:, None]
+
+    def flex(self):
+        """(1, H, total, D) tensors and a document block mask for FlexAttention."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        docs_q = torch.repeat_interleave(torch.arange(len(self.workload.lengths_q), device=self.device),
+                                         torch.tensor(self.workload.lengths_q, device=self.device))
+        docs_k = torch.repeat_interleave(torch.arange(len(self.workload.lengths_k), device=self.device),
+                                         torch.tensor(self.workload.lengths_k, device=self.device))
+        causal = self.workload.causal
+
+        def document(b, h, q_index, kv_index):
+            same = docs_q[q_index] == docs_k[kv_index]
+            return same & (kv_index <= q_index) if causal else same
+        block_mask = create_block_mask(document, None, None, self.q.shape[0], self.k.shape[0], device=self.device)
+        as_flex = [x.transpose(0, 1)[None] for x in (self.q, self.k, self.v)]
+        return (*as_flex, block_mask)
