@@ -63,7 +63,8 @@ def test_jagged_with_holes(gen, device):
     """torch.nested.narrow leaves holes between sequences; they are read in place."""
     base = reference.randn(gen, 4, 12, HEADS * HEAD_DIM, dtype=dtype_on(device), device=device)
     starts, lengths = torch.tensor([0, 3, 1, 5]), torch.tensor([7, 0, 11, 1])
-    nt = torch.nested.narrow(base, 1, starts, lengths, layout=torch.jagged).view(4, -1, HEADS, HEAD_DIM).transpose(1, 2)
+    nt = torch.nested.narrow(base, 1, starts.to(device), lengths.to(device), layout=torch.jagged)
+    nt = nt.view(4, -1, HEADS, HEAD_DIM).transpose(1, 2)
     ragged, _ = nested.unpack(nt, 2, "q")
     assert ragged.seqused is not None and ragged.values.data_ptr() == base.data_ptr()  # no copy
     out = varattn.attention(nt, nt, nt, causal=True)
