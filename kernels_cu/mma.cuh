@@ -32,33 +32,26 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
 // D = A (16x16, row) * B (16x8, col) + D, fp32 accumulators d[0..3].
 template <typename T> __device__ __forceinline__ void mma_16816(float* d, const unsigned (&a)[4],
                                                                  unsigned b0, unsigned b1);
-template <> __device__ __forceinline__ void mma_16816<half_t>(float* d, const unsigned (&a)[4],
-                                                               unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma_16816<bf16_t>(float* d, const unsigned (&a)[4],
-                                                               unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Two floats as two 16-bit values in one register, the first in the low half.
 template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
-template <> __device__ __forceinline__ unsigned pack2<half_t>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-template <> __device__ __forceinline__ unsigned pack2<bf16_t>(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
+
+// One definition for both 16-bit types: PTX spells the type in the opcode.
+#define DEFINE_FOR_16BIT(TYPE, PTX)                                                               \
+    template <> __device__ __forceinline__ void mma_16816<TYPE>(float* d, const unsigned (&a)[4], \
+                                                                 unsigned b0, unsigned b1) {      \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 "                 \
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"          \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));            \
+    }                                                                                            \
+    template <> __device__ __forceinline__ unsigned pack2<TYPE>(float lo, float hi) {            \
+        unsigned r;                                                                              \
+        asm("cvt.rn." PTX "x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));                   \
+        return r;                                                                                \
+    }
+DEFINE_FOR_16BIT(half_t, "f16")
+DEFINE_FOR_16BIT(bf16_t, "bf16")
+#undef DEFINE_FOR_16BIT
 
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
