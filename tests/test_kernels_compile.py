@@ -26,7 +26,12 @@ def test_compiles(family, arch):
 
 
 def test_host_and_device_params_layouts_agree():
-    loader.compile_for_arch(loader.source("math") + kernel_params.layout_assertions(), [], "sm_80")
+    try:
+        loader.compile_for_arch(loader.source("math") + kernel_params.layout_assertions(), [], "sm_80")
+    except varattn.KernelCompileError as error:
+        if '"__builtin_offsetof" is undefined' in str(error):  # NVRTC 13.0 lacks it; 13.5 (CI) has it
+            pytest.skip("this NVRTC has no __builtin_offsetof")
+        raise
 
 
 def test_compile_error_carries_the_log():
