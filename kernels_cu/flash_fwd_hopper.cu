@@ -2,9 +2,10 @@
 // of flash_fwd.cu, with warpgroup matrix instructions (wgmma) in place of
 // mma.sync, for head dims 64, 128 and 256.
 //
-// Per CTA = (query tile of 128 rows, head, sequence), two warpgroups of 64
-// query rows each:
-//   1. Q tile -> shared memory, resident; K and V tiles double-buffered.
+// Per CTA = (query tile of 64 x WARPGROUPS rows, head, sequence), each
+// warpgroup on 64 query rows:
+//   1. Q tile -> shared memory, resident; K and V tiles stream through two
+//      and three buffers.
 //   2. Per key tile n: S(n) = Q K(n)^T with both operands read by the tensor
 //      cores from 128-byte-swizzled shared memory (wgmma.mma_async,
 //      m64nBLOCK_Nk16), issued together with O += P(n-1) V(n-1) (P from
@@ -16,30 +17,33 @@
 //   3. O / l and the LSE, once (flash_common.cuh: write_rows).
 // Tile plan, tile skipping under masks and the grid: flash_common.cuh.
 //
-// Tiles (BLOCK_M = 128; shared memory = Q + 2 K + 3 V tiles + 1 KB for
-// alignment, one CTA per SM; registers from nvcc 13.0 -Xptxas -v, no spills):
-//   head_dim  64:  BLOCK_N 128   S 64 + O 32 fp32 per thread, 166 registers,  97 KB
-//   head_dim 128:  BLOCK_N 128   S 64 + O 64,                 198 registers, 193 KB
-//   head_dim 256:  BLOCK_N 64    S 32 + O 128,                215 registers, 225 KB
-// The two warpgroups share each K/V tile, halving its shared-memory and L2
-// traffic per query row. Measured (H100, bf16, W1 of DESIGN.md): double-
-// buffered K/V with two barriers a tile 269 TFLOP/s; the software pipeline
-// above with one barrier a tile 311.
+// Tiles (BLOCK_M = 64 x WARPGROUPS; shared memory = Q + 2 K + 3 V tiles + 1 KB
+// for alignment; registers from nvcc 13.0 -Xptxas -v, no spills):
+//   head_dim  64:  1 warpgroup,  BLOCK_N 64    S 32 + O 32 fp32 per thread, 117 registers,  49 KB
+//   head_dim 128:  2 warpgroups, BLOCK_N 128   S 64 + O 64,                 198 registers, 193 KB
+//   head_dim 128:  1 warpgroup,  BLOCK_N 64    S 32 + O 64 (causal/window), 152 registers,  97 KB
+//   head_dim 256:  2 warpgroups, BLOCK_N 64    S 32 + O 128,                215 registers, 225 KB
+// Two warpgroups share each K/V tile, halving its shared-memory and L2
+// traffic per query row; one warpgroup wastes less on a mask's diagonal and
+// lets two CTAs share an SM, each hiding the other's barrier and softmax.
+// Measured (H100, bf16, DESIGN.md's workloads): double-buffered K/V with two
+// barriers a tile, W1 269 TFLOP/s; the software pipeline above with one
+// barrier a tile, 311-326; at head_dim 128 causal (W2) one warpgroup 245
+// against 223, at head_dim 64 causal (W3) 239 against 175, so the backend
+// picks per head dim and mask (varattn/backends/flash.py).
 #include "flash_common.cuh"
 #include "wgmma.cuh"
-
-#define HOPPER_THREADS 256
-#define HOPPER_BLOCK_M 128
 
 template <int ROWS>
 struct Swizzled128 {
     static __device__ __forceinline__ int offset(int row, int chunk) { return swizzled_offset(row, chunk, ROWS); }
 };
 
-template <typename T, int HEAD_DIM, int BLOCK_N>
-__global__ void __launch_bounds__(HOPPER_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_N, int WARPGROUPS>
+__global__ void __launch_bounds__(128 * WARPGROUPS, 2 / WARPGROUPS)
 flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets) {
-    constexpr int BLOCK_M = HOPPER_BLOCK_M;
+    constexpr int HOPPER_THREADS = 128 * WARPGROUPS;
+    constexpr int BLOCK_M = 64 * WARPGROUPS;
     constexpr int N_BLOCKS = BLOCK_N / 8;
     constexpr int D_BLOCKS = HEAD_DIM / 8;
     constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2, KV_BYTES = BLOCK_N * HEAD_DIM * 2;

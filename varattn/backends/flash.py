@@ -43,7 +43,7 @@ class Kernel:
 
     @property
     def _blocks(self) -> str:
-        return f"{self.block_m}, {self.block_n}" if self.family == "flash_fwd" else str(self.block_n)
+        return f"{self.block_m}, {self.block_n}" if self.family == "flash_fwd" else f"{self.block_n}, {self.block_m // 64}"
 
 
 def _mma_sync(head_dim, block_m, block_n):
@@ -51,27 +51,34 @@ def _mma_sync(head_dim, block_m, block_n):
     return Kernel("flash_fwd", block_m, block_n, 128, (block_m + 2 * block_n) * (head_dim + 8) * 2)
 
 
-def _wgmma(head_dim, block_n):
+def _wgmma(head_dim, block_n, warpgroups=2):
     # Q + 2 K + 3 V tiles, plus 1 KB to align the swizzle atoms (kernels_cu/flash_fwd_hopper.cu)
-    return Kernel("flash_fwd_hopper", 128, block_n, 256, (128 + 5 * block_n) * head_dim * 2 + 1024)
+    block_m = 64 * warpgroups
+    return Kernel("flash_fwd_hopper", block_m, block_n, 128 * warpgroups, (block_m + 5 * block_n) * head_dim * 2 + 1024)
 
 
 # The largest tiles that keep S and O in registers without spilling; the
 # tables at the top of the two .cu files say why.
 MMA_SYNC = {32: _mma_sync(32, 128, 64), 64: _mma_sync(64, 128, 64), 96: _mma_sync(96, 128, 32),
             128: _mma_sync(128, 128, 32), 192: _mma_sync(192, 64, 64), 256: _mma_sync(256, 64, 64)}
-WGMMA = {64: _wgmma(64, 128), 128: _wgmma(128, 128), 256: _wgmma(256, 64)}
+# Hopper: two warpgroups on 128 query rows share each K/V tile; one warpgroup
+# on 64 rows wastes less on a mask's diagonal and lets two CTAs share an SM.
+# Measured on the H100 (bf16, DESIGN.md's workloads): head_dim 128 full W1
+# 326 TFLOP/s with two, 291 with one; causal W2 223 against 245; head_dim 64
+# causal W3 175 against 239.
+WGMMA = {64: _wgmma(64, 64, 1), 128: _wgmma(128, 128), 256: _wgmma(256, 64)}
+WGMMA_MASKED = {**WGMMA, 128: _wgmma(128, 64, 1)}  # causal or windowed
 
 
-def kernel_for(head_dim: int, arch: str) -> Kernel:
+def kernel_for(head_dim: int, arch: str, masked: bool = False) -> Kernel:
     """wgmma on Hopper (sm_90a) where it has an instance, mma.sync elsewhere."""
     if arch == "sm_90a" and head_dim in WGMMA:
-        return WGMMA[head_dim]
+        return (WGMMA_MASKED if masked else WGMMA)[head_dim]
     return MMA_SYNC[head_dim]
 
 
 for _family in ("flash_fwd", "flash_fwd_hopper"):
-    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items()) if k[1].family == _family]
+    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items(), *WGMMA_MASKED.items()) if k[1].family == _family]
     loader.register_family(_family, sorted(
         {k.instance(t, d) for d, k in _kernels for t in STORAGE_TYPES} | {f"flash_plan<{k.block_m}>" for _, k in _kernels}))
 
@@ -97,7 +104,7 @@ def forward(params):
     if params.total_q == 0 or batch == 0:
         return out, lse
     device = params.device
-    chosen = kernel_for(params.head_dim, loader.arch_of(device))
+    chosen = kernel_for(params.head_dim, loader.arch_of(device), params.causal or params.has_window)
     plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
     fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
                                dynamic_shared_mem=chosen.shared_mem)
