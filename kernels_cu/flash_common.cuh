@@ -202,13 +202,14 @@ __device__ __forceinline__ void p_fragment(const float (&s)[N_BLOCKS * 4], int k
 }
 
 // O / l and lse = scale * max + ln l for this thread's two rows (query
-// first_row and first_row + 8); rows past the sequence are not written.
+// first_row and first_row + 8); rows past the sequence are not written, nor
+// lse when the caller needs none (p.lse null).
 template <typename T, int D_BLOCKS>
 __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile& t, int first_row,
                                            const float (&o)[D_BLOCKS * 4], const float (&row_max)[2],
                                            float (&row_sum)[2]) {
     const int lane = threadIdx.x % 32;
-    float* lse = (float*)p.lse + t.h * p.total_q + t.queries.start;
+    float* lse = p.lse ? (float*)p.lse + t.h * p.total_q + t.queries.start : nullptr;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
@@ -221,7 +222,7 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile&
 #pragma unroll
         for (int j = 0; j < D_BLOCKS; ++j)
             *(unsigned*)(out + 8 * j + 2 * (lane % 4)) = pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-        if (lane % 4 == 0) lse[i] = sum > 0.f ? row_max[r] * (float)p.scale + __logf(sum) : neg_inf<float>();
+        if (lse && lane % 4 == 0) lse[i] = sum > 0.f ? row_max[r] * (float)p.scale + __logf(sum) : neg_inf<float>();
     }
 }
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import varattn
+from varattn.nested import NestedForm
 from varattn.params import AttentionParams
 
 # Relative error ||out - ref|| / ||ref|| allowed per dtype; lse absolute.
@@ -45,6 +46,14 @@ def poisoned_outputs(monkeypatch):
         return wrapper
     monkeypatch.setattr(AttentionParams, "new_out", poisoned(new_out))
     monkeypatch.setattr(AttentionParams, "new_lse", poisoned(new_lse))
+    new_output = NestedForm.new_output
+
+    def poisoned_nested(self, *args):
+        out, nested = new_output(self, *args)
+        if out is not None:
+            out.fill_(math.nan)
+        return out, nested
+    monkeypatch.setattr(NestedForm, "new_output", poisoned_nested)
 
 
 @pytest.fixture(autouse=True)

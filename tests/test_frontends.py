@@ -59,6 +59,31 @@ def test_nested(gen, device, layout, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_nested_repeated_calls(gen, device, layout):
+    """Calls on the same NestedTensors reuse the validated call (varattn/repeat.py):
+    each still gets a fresh output, sees changed data and follows changed options."""
+    lengths = reference.lengths(gen, 4, 11)
+    q, parts_q = nested_batch(gen, lengths, device, layout)
+    k, parts_k = nested_batch(gen, lengths, device, layout)
+    first = varattn.attention(q, k, k)
+    again = varattn.attention(q, k, k)
+    assert again.values().data_ptr() != first.values().data_ptr()
+    for options in (dict(causal=True), dict(), dict(causal=True, causal_align="lower_right")):
+        q.values().mul_(-0.5)  # in place: the same NestedTensor, new data
+        parts_q = [x * -0.5 for x in parts_q]
+        out = varattn.attention(q, k, k, **options)
+        expected, _ = per_sequence_reference(parts_q, parts_k, parts_k, **options)
+        for got, want in zip(out.unbind(), expected):
+            assert reference.relative_error(got.transpose(0, 1), want) <= TOLERANCE[got.dtype]
+    for got, want in zip(first.unbind(), per_sequence_reference([x * -8 for x in parts_q], parts_k, parts_k)[0]):
+        assert reference.relative_error(got.transpose(0, 1), want) <= TOLERANCE[got.dtype]  # untouched since
+    with varattn.use_backends("math"):
+        assert varattn.explain(q, k, k).chosen == varattn.Backend.MATH
+        varattn.attention(q, k, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_jagged_with_holes(gen, device):
     """torch.nested.narrow leaves holes between sequences; they are read in place."""
     base = reference.randn(gen, 4, 12, HEADS * HEAD_DIM, dtype=dtype_on(device), device=device)

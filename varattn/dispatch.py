@@ -20,6 +20,11 @@ class NoBackendError(NotImplementedError):
     """No allowed backend can run the call; the message lists every backend's reasons."""
 
 
+def allowed() -> frozenset:
+    """The backends `use_backends` allows here."""
+    return _allowed.get()
+
+
 @contextlib.contextmanager
 def use_backends(*backends):
     """Restrict dispatch to `backends` (Backend members or their names) inside the block.
@@ -83,5 +88,10 @@ def select(params):
 
 
 def run(params):
-    """(out, lse) from the chosen backend."""
+    """(out, lse) from the chosen backend; lse may be None unless params.return_lse."""
     return select(params).forward(params)
+
+
+def prepare(params):
+    """The chosen backend's runner for the call: `out -> (out, lse)`."""
+    return select(params).prepare(params)

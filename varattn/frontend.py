@@ -6,10 +6,9 @@ result handed back in the same form.
 """
 from __future__ import annotations
 
-import numpy
 import torch
 
-from . import dispatch, nested, padded
+from . import checks, dispatch, nested, padded, repeat
 from .params import build_params
 
 
@@ -49,10 +48,13 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
         (or (B, j, H) / (B, L, H) for "blhd"), float32 (float64 for float64
         inputs), -inf for rows that see no key.
     """
+    options = dict(causal=causal, causal_align=causal_align, window=window, scale=scale, dropout_p=dropout_p,
+                   return_lse=return_lse)
+    if nested.is_nested(query) and nested.is_nested(key) and nested.is_nested(value) and \
+            lengths is None and kv_lengths is None and key_padding_mask is None:
+        return _nested_call(query, key, value, layout, attn_mask, options)()
     params, finish = prepare(query, key, value, layout=layout, lengths=lengths, kv_lengths=kv_lengths,
-                             key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal,
-                             causal_align=causal_align, window=window, scale=scale, dropout_p=dropout_p,
-                             return_lse=return_lse)
+                             key_padding_mask=key_padding_mask, attn_mask=attn_mask, **options)
     out, lse = dispatch.run(params)
     return finish(out, lse)
 
@@ -85,6 +87,11 @@ def _ragged_dim(query, layout) -> int:
 
 
 def _prepare_nested(query, key, value, layout, attn_mask, options):
+    params, form = _nested_params(query, key, value, layout, attn_mask, options)
+    return params, lambda out, lse: _nested_result(params, form, out, lse, None)
+
+
+def _nested_params(query, key, value, layout, attn_mask, options):
     ragged_dim = _ragged_dim(query, layout)
     if query.dim() != 4:
         raise ValueError(f"query must be a 4-D NestedTensor (B, H, j, D), got {query.dim()} dims")
@@ -94,11 +101,40 @@ def _prepare_nested(query, key, value, layout, attn_mask, options):
     _same_rows(k_form, v_form)
     params = build_params(q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
                           seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, **options)
+    return params, form
 
-    def finish(out, lse):
-        result = form.rebuild(out)
-        return (result, form.rebuild(lse.transpose(0, 1))) if params.return_lse else result
-    return params, finish
+
+def _nested_result(params, form, out, lse, out_nested):
+    result = form.rebuild(out) if out_nested is None else out_nested
+    return (result, form.rebuild(lse.transpose(0, 1))) if params.return_lse else result
+
+
+class _NestedCall:
+    """A NestedTensor call ready to run: each run allocates the output as a
+    NestedTensor of the caller's form (cheaply where the form allows) and
+    has the chosen backend write into it."""
+
+    def __init__(self, params, form):
+        self.params, self.form, self.runner = params, form, dispatch.prepare(params)
+        self.features = (params.num_heads, params.head_dim_v)
+
+    def __call__(self):
+        p = self.params
+        out, out_nested = self.form.new_output(self.features, p.dtype, p.device)
+        out, lse = self.runner(p.new_out() if out is None else out)
+        return _nested_result(p, self.form, out, lse, out_nested)
+
+
+def _nested_call(query, key, value, layout, attn_mask, options):
+    """The call for these NestedTensors, remembered (varattn/repeat.py) when no mask comes with it."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    signature = (layout, *options.values(), needs_grad, dispatch.allowed(), checks.device_checks_enabled())
+    call = repeat.find(query, key, value, signature) if attn_mask is None else None
+    if call is None:
+        call = _NestedCall(*_nested_params(query, key, value, layout, attn_mask, options))
+        if attn_mask is None:
+            repeat.remember(query, key, value, signature, call)
+    return call
 
 
 def _same_rows(k_form, v_form) -> None:
@@ -113,7 +149,7 @@ def _same_rows(k_form, v_form) -> None:
             # Separately built NestedTensors: compare contents (a sync on CUDA, only in this case).
             if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
                 raise ValueError("key and value must have the same sequence lengths and offsets")
-    elif not (numpy.array_equal(k_form.starts, v_form.starts) and numpy.array_equal(k_form.seq_lengths, v_form.seq_lengths)):
+    elif k_form.rows_key != v_form.rows_key:
         raise ValueError("key and value must have the same sequence lengths and layout")
 
 

@@ -1,16 +1,14 @@
 """The host side of `struct AttnParams` (kernels_cu/attn_params.cuh).
 
 FIELDS lists the struct's fields in order with their struct-module codes;
-`pack()` turns an AttentionParams (plus the output buffers) into one
-structured NumPy scalar that CuPy passes to a kernel by value. A CPU test
+`pack()` turns an AttentionParams (plus the output buffers) into the
+struct's bytes, which the loader passes to a kernel by value. A CPU test
 compiles static_asserts generated from FIELDS against the header, so the two
 cannot drift apart unnoticed.
 """
 from __future__ import annotations
 
 import struct
-
-import numpy
 
 # code: "Q" pointer, "q" int64, "d" double, "i" int32
 FIELDS = (
@@ -30,7 +28,6 @@ FIELDS = (
 )
 
 _LAYOUT = struct.Struct("<" + "".join(code for _, code in FIELDS))
-_NUMPY_FORMATS = {"Q": "<u8", "q": "<i8", "d": "<f8", "i": "<i4"}
 
 
 def _offsets():
@@ -43,12 +40,6 @@ def _offsets():
 
 OFFSETS = _offsets()
 SIZE = _LAYOUT.size
-DTYPE = numpy.dtype({
-    "names": [name for name, _ in FIELDS],
-    "formats": [_NUMPY_FORMATS[code] for _, code in FIELDS],
-    "offsets": OFFSETS,
-    "itemsize": SIZE,
-})
 BIAS_KINDS = {"none": 0, "bool": 1, "additive": 2}
 
 
@@ -56,15 +47,16 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def pack(p, out, lse) -> numpy.ndarray:
-    """The AttnParams struct for `p` writing into `out` and `lse`, as a (1,) structured array."""
+def pack(p, out, lse) -> bytes:
+    """The AttnParams struct for `p` writing into `out` and `lse` (None: a null
+    pointer, filled in later by `with_outputs`); outputs are contiguous."""
     bias = p.attn_bias
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
-    raw = _LAYOUT.pack(
+    return _LAYOUT.pack(
         _ptr(p.q), _ptr(p.k), _ptr(p.v), _ptr(out), _ptr(lse), _ptr(bias),
         _ptr(p.cu_seqlens_q), _ptr(p.cu_seqlens_k), _ptr(p.seqused_q), _ptr(p.seqused_k),
         p.q.stride(0), p.q.stride(1), p.k.stride(0), p.k.stride(1), p.v.stride(0), p.v.stride(1),
-        out.stride(0), out.stride(1), *bias_strides,
+        p.num_heads * p.head_dim_v, p.head_dim_v, *bias_strides,
         p.total_q, p.total_k,
         p.scale,
         p.batch_size, p.num_heads, p.num_heads_kv, p.head_dim, p.head_dim_v,
@@ -72,7 +64,6 @@ def pack(p, out, lse) -> numpy.ndarray:
         BIAS_KINDS[p.bias_kind], int(p.causal), int(p.causal_align == "lower_right"),
         p.window[0], p.window[1],
     )
-    return numpy.frombuffer(raw, dtype=DTYPE)
 
 
 def layout_assertions(struct_name: str = "AttnParams") -> str:
@@ -81,3 +72,13 @@ def layout_assertions(struct_name: str = "AttnParams") -> str:
     for (name, _), offset in zip(FIELDS, OFFSETS):
         lines.append(f"static_assert(__builtin_offsetof({struct_name}, {name}) == {offset}, \"{name}\");")
     return "\n".join(lines)
+
+
+_OUT, _LSE = (OFFSETS[[name for name, _ in FIELDS].index(field)] for field in ("out", "lse"))
+_POINTERS = struct.Struct("<QQ")
+assert _LSE == _OUT + 8
+
+
+def with_outputs(packed: bytes, out, lse) -> bytes:
+    """`packed` writing into `out` and `lse` (None: not written) instead."""
+    return packed[:_OUT] + _POINTERS.pack(_ptr(out), _ptr(lse)) + packed[_OUT + 16:]

@@ -14,11 +14,11 @@ import ctypes
 import functools
 import logging
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy
 import torch
 
 log = logging.getLogger("varattn")
@@ -148,21 +148,48 @@ def kernel(family: str, name_expression: str, device: torch.device, dynamic_shar
     return found
 
 
-def launch(kernel_: Kernel, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch on the current torch stream of the kernel's device.
+class Args:
+    """A kernel's arguments, each given as the bytes of its parameter (struct
+    layouts, `pointer()`, `int64()`), kept alive for any number of launches."""
 
-    args: NumPy scalars or structured arrays, each passed by value as its
-    bytes. The driver is called directly: CuPy's argument handling of a
-    structured array costs tens of microseconds per launch.
-    """
+    def __init__(self, *values: bytes):
+        joined = b"".join(values)
+        self._buffer = ctypes.create_string_buffer(joined, len(joined))
+        at, addresses = ctypes.addressof(self._buffer), []
+        for value in values:
+            addresses.append(at)
+            at += len(value)
+        self.pointers = (ctypes.c_void_p * len(values))(*addresses)
+
+
+def pointer(t: torch.Tensor, byte_offset: int = 0) -> bytes:
+    return _U64.pack(t.data_ptr() + byte_offset)
+
+
+def int64(x: int) -> bytes:
+    return _I64.pack(x)
+
+
+_U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
+
+
+def current_stream(kernel_: Kernel) -> int:
+    """The raw handle of torch's current stream on the kernel's device."""
+    return torch._C._cuda_getCurrentRawStream(kernel_.device_index)
+
+
+def launch(kernel_: Kernel, grid, block, args: Args, shared_mem: int = 0, stream: int | None = None) -> None:
+    """Launch on `stream`, by default the current torch stream of the kernel's
+    device, through the driver: CuPy's own argument handling costs tens of
+    microseconds a launch."""
     cupy = _cupy()
-    values = [numpy.ascontiguousarray(a) for a in args]  # alive until the driver has copied them
-    pointers = (ctypes.c_void_p * len(values))(*[v.ctypes.data for v in values])
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-    stream = torch.cuda.current_stream(kernel_.device_index).cuda_stream
+    if stream is None:
+        stream = current_stream(kernel_)
     if cupy.cuda.runtime.getDevice() == kernel_.device_index:
-        cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream, ctypes.addressof(pointers), 0)
+        cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
+                                      ctypes.addressof(args.pointers), 0)
     else:
         with cupy.cuda.Device(kernel_.device_index):
             cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
-                                          ctypes.addressof(pointers), 0)
+                                          ctypes.addressof(args.pointers), 0)

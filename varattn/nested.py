@@ -29,6 +29,8 @@ class NestedForm:
     max_seqlen: int = 0
     starts: numpy.ndarray | None = None       # strided: first row of each component
     seq_lengths: numpy.ndarray | None = None
+    rows_key: bytes = b""                     # strided: starts and lengths, to compare forms quickly
+    back_to_back: bool = False                # strided: sequences follow each other from row 0
     _metadata: dict = field(default_factory=dict, compare=False, repr=False)  # strided outputs' layouts
 
     def rebuild(self, values: torch.Tensor) -> torch.Tensor:
@@ -43,9 +45,42 @@ class NestedForm:
         key = (values.shape[1:], values.stride())
         metadata = self._metadata.get(key)
         if metadata is None:
-            metadata = self._metadata[key] = _strided_metadata(values, self.ragged_dim - 1, self.starts,
-                                                               self.seq_lengths)
+            metadata = self._metadata[key] = _strided_metadata(values.shape[1:], values.stride(),
+                                                               self.ragged_dim - 1, self.starts, self.seq_lengths)
         return torch._nested_view_from_buffer(base.reshape(-1), *metadata)
+
+    def new_output(self, features: tuple[int, ...], dtype, device):
+        """(packed (rows, *features) tensor, the NestedTensor over it) for a
+        strided form whose sequences lie back to back; (None, None) otherwise,
+        and the output is then rebuilt around the packed result.
+
+        Viewing a fresh buffer as a strided NestedTensor costs about a
+        microsecond per sequence in torch; `empty_like` of a template with the
+        output's layout costs a few in all, so the template is made once per
+        form and feature shape (over host memory that is never touched).
+        """
+        if self.jagged or not self.back_to_back:
+            return None, None
+        template = self._metadata.get(("template", features))
+        if template is None:
+            template = self._metadata[("template", features)] = self._output_template(features)
+        if template is False:
+            return None, None
+        nested = torch.empty_like(template, dtype=dtype, device=device)
+        return nested.values().view(-1, *features), nested
+
+    def _output_template(self, features):
+        rows = int(self.seq_lengths.sum())
+        strides = tuple(int(numpy.prod(features[i + 1:])) for i in range(len(features)))
+        metadata = _strided_metadata(features, (int(numpy.prod(features)), *strides), self.ragged_dim - 1,
+                                     self.starts, self.seq_lengths)
+        buffer = torch.empty(rows * int(numpy.prod(features)), dtype=torch.uint8)
+        template = torch._nested_view_from_buffer(buffer, *metadata)
+        # empty_like keeps a NestedTensor's strides and offsets: check once rather than trust.
+        probe = torch.empty_like(template)
+        kept = all(torch.equal(a, b) for a, b in zip(metadata, (probe._nested_tensor_size(), probe._nested_tensor_strides(),
+                                                               probe._nested_tensor_storage_offsets())))
+        return template if kept else False
 
 
 def is_nested(x) -> bool:
@@ -126,7 +161,8 @@ def _unpack_strided(nt, ragged_dim, name):
         seqused=None if contiguous else device_values[batch + 1:],
         max_seqlen=int(lengths.max()),
     )
-    return ragged, NestedForm(jagged=False, ragged_dim=ragged_dim, starts=starts, seq_lengths=lengths)
+    return ragged, NestedForm(jagged=False, ragged_dim=ragged_dim, starts=starts, seq_lengths=lengths,
+                              rows_key=starts.tobytes() + lengths.tobytes(), back_to_back=contiguous)
 
 
 def _shared_buffer_layout(strides, offsets, lengths, seq):
@@ -154,14 +190,14 @@ def _shared_buffer_layout(strides, offsets, lengths, seq):
     return first_offset, starts, (row_stride, *numpy.delete(template, seq).tolist())
 
 
-def _strided_metadata(values, seq, starts, lengths):
+def _strided_metadata(features, strides, seq, starts, lengths):
     """(sizes, strides, offsets) of a strided NestedTensor whose component b is
-    rows [starts[b], starts[b] + lengths[b]) of `values`, the sequence at
-    component dim `seq`."""
+    rows [starts[b], starts[b] + lengths[b]) of a (rows, *features) tensor of
+    `strides`, the sequence at component dim `seq`."""
     batch = len(lengths)
-    features = numpy.array(values.shape[1:], dtype=numpy.int64)
-    feature_strides = numpy.array(values.stride()[1:], dtype=numpy.int64)
+    features = numpy.array(features, dtype=numpy.int64)
+    feature_strides = numpy.array(strides[1:], dtype=numpy.int64)
     sizes = numpy.insert(numpy.broadcast_to(features, (batch, len(features))), seq, lengths, axis=1)
-    strides = numpy.insert(numpy.broadcast_to(feature_strides, (batch, len(features))), seq, values.stride(0), axis=1)
-    offsets = numpy.asarray(starts, dtype=numpy.int64) * values.stride(0)
-    return torch.from_numpy(sizes), torch.from_numpy(strides), torch.from_numpy(offsets)
+    strides_ = numpy.insert(numpy.broadcast_to(feature_strides, (batch, len(features))), seq, strides[0], axis=1)
+    offsets = numpy.asarray(starts, dtype=numpy.int64) * strides[0]
+    return torch.from_numpy(sizes), torch.from_numpy(strides_), torch.from_numpy(offsets)

@@ -36,6 +36,7 @@ class AttentionParams:
     attn_bias: torch.Tensor | None         # (B, H, >=max_seqlen_q, >=max_seqlen_k), broadcast by strides
     dropout_p: float
     return_lse: bool
+    out: torch.Tensor | None = None        # (total_q, H, D_v) to write into (a backend's prepare() sets it)
 
     @property
     def batch_size(self) -> int:
@@ -94,8 +95,10 @@ class AttentionParams:
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
     def new_out(self) -> torch.Tensor:
-        """Output buffer; zeroed where some rows (padding, holes) belong to no sequence."""
+        """Output buffer (`out` when given); zeroed where some rows (padding, holes) belong to no sequence."""
         shape = (self.total_q, self.num_heads, self.head_dim_v)
+        if self.out is not None:
+            return self.out.zero_() if self.seqused_q is not None else self.out
         if self.seqused_q is not None:
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
         return torch.empty(shape, dtype=self.dtype, device=self.device)

@@ -1,7 +1,9 @@
 """The backends, in the order dispatch tries them.
 
 A backend is a module with `CAPABILITIES`, `reasons(params) -> list[str]`
-(empty when it can run the call) and `forward(params) -> (out, lse)`. The ones
+(empty when it can run the call), `forward(params) -> (out, lse)` and
+`prepare(params)`, a callable that runs the call into a given output buffer
+(`out -> (out, lse)`), for front ends that repeat a call. The ones
 not built yet are listed with `None` so that `explain()` can say so.
 """
 from __future__ import annotations

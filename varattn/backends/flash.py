@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy
 import torch
 
 from .. import kernel_params, loader
@@ -98,20 +97,53 @@ def reasons(params) -> list[str]:
     return found
 
 
-def forward(params):
-    out, lse = params.new_out(), params.new_lse()
-    batch, heads = params.batch_size, params.num_heads
-    if params.total_q == 0 or batch == 0:
+class Launch:
+    """A flash forward prepared for one call's tensors: the kernels, the grid,
+    the packed parameters and, once computed, the tile plan. Calling it with
+    an output buffer (from `params.new_out()`, or any of that layout the
+    kernel fills completely) launches the forward and returns (out, lse); lse
+    is None when neither the caller nor a backward needs it.
+
+    The plan depends only on the lengths, which a front end's cached call
+    keeps unchanged, so it is computed once per stream and reused.
+    """
+
+    def __init__(self, params):
+        self.params = params
+        self.needs_lse = params.return_lse or params.requires_grad
+        self.empty = params.total_q == 0 or params.batch_size == 0
+        if self.empty:
+            return
+        device, batch = params.device, params.batch_size
+        chosen = kernel_for(params.head_dim, loader.arch_of(device), params.causal or params.has_window)
+        self.plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
+        self.fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
+                                        dynamic_shared_mem=chosen.shared_mem)
+        tiles_upper_bound = -(-params.total_q // chosen.block_m) + batch
+        self.grid, self.threads, self.shared_mem = (tiles_upper_bound * params.num_heads,), (chosen.threads,), chosen.shared_mem
+        self.packed = kernel_params.pack(params, None, None)
+        self._plan, self._plan_stream = None, None
+
+    def __call__(self, out):
+        params = self.params
+        lse = params.new_lse() if self.needs_lse else None
+        if self.empty:
+            return out, lse
+        packed = kernel_params.with_outputs(self.packed, out, lse)
+        stream = loader.current_stream(self.fwd_kernel)
+        if self._plan_stream != stream:
+            plan = torch.empty(2 * params.batch_size + 1, dtype=torch.int32, device=params.device)  # order, tile offsets
+            self._plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * params.batch_size))
+            loader.launch(self.plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *self._plan_args), stream=stream)
+            self._plan, self._plan_stream = plan, stream
+        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *self._plan_args),
+                      shared_mem=self.shared_mem, stream=stream)
         return out, lse
-    device = params.device
-    chosen = kernel_for(params.head_dim, loader.arch_of(device), params.causal or params.has_window)
-    plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
-    fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
-                               dynamic_shared_mem=chosen.shared_mem)
-    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)  # order, then tile offsets
-    args = (kernel_params.pack(params, out, lse), numpy.uint64(plan.data_ptr()),
-            numpy.uint64(plan.data_ptr() + 4 * batch))
-    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), args)
-    tiles_upper_bound = -(-params.total_q // chosen.block_m) + batch
-    loader.launch(fwd_kernel, (tiles_upper_bound * heads,), (chosen.threads,), args, shared_mem=chosen.shared_mem)
-    return out, lse
+
+
+def prepare(params) -> Launch:
+    return Launch(params)
+
+
+def forward(params):
+    return Launch(params)(params.new_out())

@@ -6,6 +6,7 @@ WORKSPACE_BYTES, so memory stays bounded whatever the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .. import checks, loader
@@ -43,3 +44,8 @@ def rows_per_chunk(params) -> int:
 
 def forward(params):
     return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))
+
+
+def prepare(params):
+    """A callable writing the call's output into a given buffer: (out, lse)."""
+    return lambda out: forward(dataclasses.replace(params, out=out))

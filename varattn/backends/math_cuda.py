@@ -1,7 +1,6 @@
 """The math backend on CUDA: the three kernels of kernels_cu/math.cu over chunks of query rows."""
 from __future__ import annotations
 
-import numpy
 import torch
 
 from .. import kernel_params, loader
@@ -25,7 +24,7 @@ def forward(params, chunk: int):
                for name in KERNELS]
     for first in range(0, params.total_q, chunk):
         rows = min(chunk, params.total_q - first)
-        args = (packed, numpy.int64(first), numpy.uint64(scores.data_ptr()))
+        args = loader.Args(packed, loader.int64(first), loader.pointer(scores))
         for kernel in kernels:
             loader.launch(kernel, (rows, params.num_heads), (THREADS,), args)
     return out, lse
