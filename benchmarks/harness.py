@@ -1,5 +1,6 @@
 """How every suite times its comparators: the device synchronised inside the
-timed call, warm-up (compiles) outside it, rounds sized to a time budget, and
+timed call, warm-up outside it (compiles, then a quarter of the budget so that
+clocks settle), rounds sized to a time budget, and
 TFLOP/s (TB/s for decode) recorded in extra_info."""
 from __future__ import annotations
 
@@ -77,15 +78,19 @@ def measure(benchmark, inputs, name, budget_s=1.0):
     w = inputs.workload
     try:
         fn = _synchronised(comparator(inputs, name))
-        started = time.perf_counter()
-        fn()  # warm-up: kernel compiles, torch.compile
-        fn()
-        once = max(time.perf_counter() - started, 1e-6) / 2
+        fn()  # kernel compiles, torch.compile
     except pytest.skip.Exception:
         raise
     except Exception as error:  # an anchor that cannot run this workload
         pytest.skip(f"{name} cannot run {w.name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
-    rounds = max(3, min(50, int(budget_s / once)))
+    # Warm-up until the GPU's clocks have settled (a quarter of the budget),
+    # which also tells how long one call takes.
+    started, calls = time.perf_counter(), 0
+    while time.perf_counter() - started < budget_s / 4 or calls < 2:
+        fn()
+        calls += 1
+    once = (time.perf_counter() - started) / calls
+    rounds = max(10, min(200, int(budget_s / once)))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(workload=w.name, impl=name, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")

@@ -4,20 +4,15 @@
 // Operand tiles in shared memory use the 128-byte swizzle: a tile is stored as
 // column blocks ("atoms") of 64 16-bit elements; each row of an atom is 128
 // bytes whose 16-byte chunks are permuted by chunk ^ (row % 8). Atoms start on
-// 1024-byte boundaries. Q and K are read K-major (head_dim contiguous), V
-// MN-major (head_dim contiguous, transposed for P V).
+// 1024-byte boundaries. This is the layout the copy engine writes with its
+// 128-byte swizzle (tma.cuh). Q and K are read K-major (head_dim
+// contiguous), V MN-major (head_dim contiguous, transposed for P V).
 //
 // The accumulator of m64nNk16 gives each thread of warp w (of 4) rows
 // 16 w + lane / 4 and + 8, columns 8 j + 2 (lane % 4) + {0, 1}: element
 // [4 j + 2 r + c]. An A operand in registers has mma.sync's m16k16 layout.
 #pragma once
 #include "dtypes.cuh"
-
-// Byte offset of element chunk `chunk` (16 bytes, 0..HEAD_DIM/8-1) of `row` in a
-// swizzled tile of `rows` rows.
-__device__ __forceinline__ int swizzled_offset(int row, int chunk, int rows) {
-    return (chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
-}
 
 // A shared-memory matrix descriptor for the 128-byte swizzle.
 __device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned address, unsigned leading_bytes,

@@ -139,6 +139,29 @@ def test_padded(gen, device, layout, lengths_as):
         assert torch.equal(out[b, n:], torch.zeros_like(out[b, n:]))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_flash_ignores_what_padding_holds(gen, layout, head_dim, causal):
+    """Padding may hold anything, NaN included: the flash kernels, whose copies
+    bring whole tiles, never let it into a sequence's output."""
+    lengths = [200, 77, 130]
+    q, k, v = (reference.randn(gen, 3, 200, 4, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    for x in (q, k, v):
+        for b, n in enumerate(lengths):
+            x[b, n:] = math.nan
+    as_layout = (lambda x: x.transpose(1, 2)) if layout == "bhld" else (lambda x: x)
+    args = (as_layout(q), as_layout(k), as_layout(v))
+    assert varattn.explain(*args, layout=layout, lengths=lengths, causal=causal).chosen == varattn.Backend.FLASH
+    out = as_layout(varattn.attention(*args, layout=layout, lengths=lengths, causal=causal))
+    expected, _ = per_sequence_reference([q[b, :n] for b, n in enumerate(lengths)], [k[b, :n] for b, n in enumerate(lengths)],
+                                         [v[b, :n] for b, n in enumerate(lengths)], causal=causal)
+    for b, n in enumerate(lengths):
+        assert reference.relative_error(out[b, :n], expected[b]) <= TOLERANCE[torch.bfloat16]
+        assert torch.equal(out[b, n:], torch.zeros_like(out[b, n:]))
+
+
 def test_padded_separate_kv_lengths_and_mask(gen):
     q = reference.randn(gen, 3, HEADS, 6, HEAD_DIM, dtype=torch.float64)
     k, v = (reference.randn(gen, 3, HEADS, 9, HEAD_DIM, dtype=torch.float64) for _ in range(2))

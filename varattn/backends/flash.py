@@ -8,11 +8,12 @@ LSE, head dims 32 to 256; no bias, no dropout, no backward yet.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .. import kernel_params, loader
+from .. import kernel_params, loader, tensor_map
 from . import capabilities
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -24,6 +25,7 @@ CAPABILITIES = capabilities.Capabilities(
     min_compute_capability=(8, 0),
     window=True,
 )
+log = logging.getLogger("varattn")
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 PLAN_THREADS = 256  # kernels_cu/flash_common.cuh: PLAN_THREADS
 
@@ -51,33 +53,33 @@ def _mma_sync(head_dim, block_m, block_n):
 
 
 def _wgmma(head_dim, block_n, warpgroups=2):
-    # Q + 2 K + 3 V tiles, plus 1 KB to align the swizzle atoms (kernels_cu/flash_fwd_hopper.cu)
+    # Q + 2 K + 3 V tiles, plus 1 KB to align the swizzle atoms; consumer
+    # warpgroups and one producer warpgroup (kernels_cu/flash_fwd_hopper.cu)
     block_m = 64 * warpgroups
-    return Kernel("flash_fwd_hopper", block_m, block_n, 128 * warpgroups, (block_m + 5 * block_n) * head_dim * 2 + 1024)
+    return Kernel("flash_fwd_hopper", block_m, block_n, 128 * (warpgroups + 1), (block_m + 5 * block_n) * head_dim * 2 + 1024)
 
 
 # The largest tiles that keep S and O in registers without spilling; the
 # tables at the top of the two .cu files say why.
 MMA_SYNC = {32: _mma_sync(32, 128, 64), 64: _mma_sync(64, 128, 64), 96: _mma_sync(96, 128, 32),
             128: _mma_sync(128, 128, 32), 192: _mma_sync(192, 64, 64), 256: _mma_sync(256, 64, 64)}
-# Hopper: two warpgroups on 128 query rows share each K/V tile; one warpgroup
-# on 64 rows wastes less on a mask's diagonal and lets two CTAs share an SM.
-# Measured on the H100 (bf16, DESIGN.md's workloads): head_dim 128 full W1
-# 326 TFLOP/s with two, 291 with one; causal W2 223 against 245; head_dim 64
-# causal W3 175 against 239.
+# Hopper: two consumer warpgroups on 128 query rows share each K/V tile; at
+# head_dim 64 one warpgroup on 64 rows lets two CTAs share an SM. Measured on
+# the H100 (bf16, DESIGN.md's workloads, TFLOP/s): head_dim 128 two
+# warpgroups x BLOCK_N 128 / one x 64: W1 371 / 350, W2 254 / 261, W4 408 /
+# 360; head_dim 64 causal W3 one x 64 202, two x 128 183.
 WGMMA = {64: _wgmma(64, 64, 1), 128: _wgmma(128, 128), 256: _wgmma(256, 64)}
-WGMMA_MASKED = {**WGMMA, 128: _wgmma(128, 64, 1)}  # causal or windowed
 
 
-def kernel_for(head_dim: int, arch: str, masked: bool = False) -> Kernel:
+def kernel_for(head_dim: int, arch: str) -> Kernel:
     """wgmma on Hopper (sm_90a) where it has an instance, mma.sync elsewhere."""
     if arch == "sm_90a" and head_dim in WGMMA:
-        return (WGMMA_MASKED if masked else WGMMA)[head_dim]
+        return WGMMA[head_dim]
     return MMA_SYNC[head_dim]
 
 
 for _family in ("flash_fwd", "flash_fwd_hopper"):
-    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items(), *WGMMA_MASKED.items()) if k[1].family == _family]
+    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items()) if k[1].family == _family]
     loader.register_family(_family, sorted(
         {k.instance(t, d) for d, k in _kernels for t in STORAGE_TYPES} | {f"flash_plan<{k.block_m}>" for _, k in _kernels}))
 
@@ -115,7 +117,15 @@ class Launch:
         if self.empty:
             return
         device, batch = params.device, params.batch_size
-        chosen = kernel_for(params.head_dim, loader.arch_of(device), params.causal or params.has_window)
+        chosen = kernel_for(params.head_dim, loader.arch_of(device))
+        self.tensor_maps = ()
+        if chosen.family == "flash_fwd_hopper":
+            try:
+                self.tensor_maps = (tensor_map.rows(params.q, chosen.block_m), tensor_map.rows(params.k, chosen.block_n),
+                                    tensor_map.rows(params.v, chosen.block_n))
+            except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
+                log.info("varattn: %s; using the mma.sync kernel", error)
+                chosen = MMA_SYNC[params.head_dim]
         self.plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
         self.fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
                                         dynamic_shared_mem=chosen.shared_mem)
@@ -136,7 +146,7 @@ class Launch:
             self._plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * params.batch_size))
             loader.launch(self.plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *self._plan_args), stream=stream)
             self._plan, self._plan_stream = plan, stream
-        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *self._plan_args),
+        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *self._plan_args, *self.tensor_maps),
                       shared_mem=self.shared_mem, stream=stream)
         return out, lse
 

@@ -1,0 +1,62 @@
+// tma.cuh — Hopper's bulk tensor copies (TMA) and the shared-memory barriers
+// (mbarriers) they complete on, as the flash forward on sm_90a uses them.
+//
+// A copy is described by a tensor map that the host encodes once per tensor
+// (varattn/tensor_map.py: cuTensorMapEncodeTiled) and passes by value as a
+// __grid_constant__ kernel parameter. One thread issues a whole tile; the
+// copy engine writes it, 128-byte swizzled, and counts its bytes against a
+// barrier's expected transaction count; consumers wait on the barrier's phase.
+#pragma once
+
+// CUtensorMap: 128 opaque bytes, 64-byte aligned.
+struct __align__(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ void mbarrier_init(unsigned barrier, unsigned arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(barrier), "r"(arrivals) : "memory");
+}
+
+// Makes initialised barriers visible to the copy engine (the async proxy).
+__device__ __forceinline__ void mbarrier_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also expects `bytes` from copies before the phase completes.
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned barrier, unsigned bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n"
+                 :: "r"(barrier), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(unsigned barrier) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" :: "r"(barrier) : "memory");
+}
+
+// Wait until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned barrier, unsigned parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" :: "r"(barrier), "r"(parity) : "memory");
+}
+
+// The box at coordinates (column, head, row) of a 3-D (head_dim, heads, rows)
+// tensor map into shared memory; rows past the tensor's end arrive as zeros.
+__device__ __forceinline__ void tma_load(unsigned destination, const TensorMap& map, int column, int head, int row,
+                                         unsigned barrier) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(destination), "l"((unsigned long long)&map), "r"(column), "r"(head), "r"(row), "r"(barrier)
+                 : "memory");
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// Hand registers back to / take them from the SM's pool, per warpgroup
+// (every thread of the warpgroup executes it); needs a register cap at entry.
+template <int REGISTERS>
+__device__ __forceinline__ void set_max_registers_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGISTERS)); }
+template <int REGISTERS>
+__device__ __forceinline__ void set_max_registers_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGISTERS)); }
