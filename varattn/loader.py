@@ -83,8 +83,14 @@ def source(family: str) -> str:
 
 
 def arch_of(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = compute_capability(device.index)
     return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+@functools.lru_cache(maxsize=None)
+def compute_capability(index: int | None) -> tuple[int, int]:
+    """Of CUDA device `index` (None: the current one, as torch reads it); asked once, as torch asks the driver."""
+    return torch.cuda.get_device_capability(index)
 
 
 def compile_options(arch: str) -> tuple[str, ...]:

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import loader
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -26,7 +28,7 @@ def reasons(caps: Capabilities, params) -> list[str]:
     if device.type not in caps.devices:
         found.append(f"runs on {'/'.join(caps.devices)}, inputs are on {device.type}")
     elif device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
+        capability = loader.compute_capability(device.index)
         if capability < caps.min_compute_capability:
             need = "sm_%d%d" % caps.min_compute_capability
             found.append(f"needs {need} or newer, device is sm_{capability[0]}{capability[1]}")
