@@ -45,7 +45,8 @@ __device__ int block_inclusive_scan(int x, int* warp_totals) {
     return x;
 }
 
-template <int BLOCK_M>
+// BY_KEYS: tiles of the keys instead (the backward's CTAs own key tiles).
+template <int BLOCK_M, bool BY_KEYS = false>
 __global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, int* order, int* tile_offsets) {
     __shared__ int bucket_next[PLAN_BUCKETS];
     __shared__ int warp_totals[PLAN_THREADS / 32];
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, i
     if (threadIdx.x == 0) tile_offsets[0] = 0;
     for (int first = 0; first < p.batch; first += PLAN_THREADS) {
         const int pos = first + threadIdx.x;
-        const int tiles = pos < p.batch ? ceil_div(query_span(p, order[pos]).len, BLOCK_M) : 0;
+        const int tiles = pos < p.batch ? ceil_div(BY_KEYS ? key_span(p, order[pos]).len : query_span(p, order[pos]).len, BLOCK_M) : 0;
         const int inclusive = block_inclusive_scan(tiles, warp_totals);
         if (pos < p.batch) tile_offsets[pos + 1] = carried + inclusive;
         if (threadIdx.x == PLAN_THREADS - 1) chunk_total = inclusive;

@@ -13,8 +13,9 @@ import torch
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_q=None, seqused_k=None, causal=False,
               causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None):
     """(out (total_q, H, Dv), lse (H, total_q)) in float64; rows outside every
-    sequence and rows that see no key: out 0, lse -inf."""
-    q, k, v = (x.detach().cpu().double() for x in (q, k, v))
+    sequence and rows that see no key: out 0, lse -inf. Differentiable: float64
+    leaves that require grad get their gradients by autograd."""
+    q, k, v = (x.cpu().double() for x in (q, k, v))
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     used_q = None if seqused_q is None else seqused_q.tolist()
     used_k = None if seqused_k is None else seqused_k.tolist()
@@ -49,8 +50,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_q=None, seqused_k=
                 allowed &= bias
             else:
                 scores = scores + bias.double()
-        scores = scores.masked_fill(~allowed, -math.inf)
         seen = allowed.any(-1)                                                              # (H, Lq)
+        # rows that see nothing: zeros instead of all -inf, so no NaN reaches autograd
+        scores = scores.masked_fill(~allowed & seen[..., None], -math.inf).masked_fill(~seen[..., None], 0.0)
         row_lse = torch.where(seen, torch.logsumexp(scores, -1), torch.tensor(-math.inf, dtype=torch.float64))
         probs = torch.where(seen[..., None], torch.softmax(scores, -1), torch.zeros((), dtype=torch.float64))
         probs = probs.nan_to_num(0.0)

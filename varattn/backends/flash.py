@@ -9,6 +9,7 @@ LSE, head dims 32 to 256; no bias, no dropout, no backward yet.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -157,3 +158,45 @@ def prepare(params) -> Launch:
 
 def forward(params):
     return Launch(params)(params.new_out())
+
+
+# The backward (kernels_cu/flash_bwd.cu): mma.sync, 64 x 64 tiles, head dims up to 128.
+BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
+BACKWARD_BLOCK, BACKWARD_THREADS = 64, 128
+_BACKWARD_ARGS = struct.Struct("<QQQQQqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
+loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}>" for t in STORAGE_TYPES.values() for d in BACKWARD_HEAD_DIMS]
+                       + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
+
+
+def backward_shared_mem(head_dim: int) -> int:
+    # K, V, Q, dO tiles with rows padded by 16 bytes; dS^T (64 x 72); lse and delta
+    return 4 * BACKWARD_BLOCK * (head_dim + 8) * 2 + BACKWARD_BLOCK * (BACKWARD_BLOCK + 8) * 2 + 2 * BACKWARD_BLOCK * 4
+
+
+def backward(params, out, lse, grad_out):
+    """(dq, dk, dv) of the call `params` whose forward gave `out` and `lse`."""
+    if grad_out.data_ptr() % 16 or grad_out.stride(0) % 8 or grad_out.stride(1) % 8 or grad_out.stride(2) != 1:
+        grad_out = grad_out.contiguous()
+    q, k = params.q, params.k
+    holes_k = params.seqused_k is not None
+    dk = (torch.zeros_like if holes_k else torch.empty_like)(k, memory_format=torch.contiguous_format)
+    dv = (torch.zeros_like if holes_k else torch.empty_like)(params.v, memory_format=torch.contiguous_format)
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    batch = params.batch_size
+    if params.total_q == 0 or params.total_k == 0 or batch == 0:
+        return dq_accum.to(q.dtype), dk.zero_(), dv.zero_()
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # rowsum(dO * O): (H, total_q)
+    device, shared_mem = params.device, backward_shared_mem(params.head_dim)
+    plan_kernel = loader.kernel("flash_bwd", f"flash_plan<{BACKWARD_BLOCK}, true>", device)
+    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{STORAGE_TYPES[params.dtype]}, {params.head_dim}>", device,
+                               dynamic_shared_mem=shared_mem)
+    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
+    packed = kernel_params.pack(params, out, lse)
+    plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
+    grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
+                                grad_out.stride(0), grad_out.stride(1))
+    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args))
+    tiles_upper_bound = -(-params.total_k // BACKWARD_BLOCK) + batch
+    loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (BACKWARD_THREADS,),
+                  loader.Args(packed, *plan_args, grads), shared_mem=shared_mem)
+    return dq_accum.to(q.dtype), dk, dv

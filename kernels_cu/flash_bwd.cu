@@ -1,0 +1,249 @@
+// flash_bwd.cu — the flash backend's backward on tensor cores (mma.sync,
+// sm80+): dQ, dK and dV from the saved LSE, probabilities recomputed.
+//
+// Per CTA = (key tile of BLOCK_N = 64 keys, key/value head, sequence), with
+// K and V resident in shared memory; for every query head of the key/value
+// head's group and every query tile of 64 rows that sees some of the keys:
+//   1. Q, dO (cp.async), lse and delta = rowsum(dO * O) -> shared memory.
+//   2. Each warp owns 16 keys and works transposed, keys as rows:
+//        S^T  = K Q^T,   P^T = exp(scale S^T - lse)     (masked where hidden)
+//        dV  += P^T dO                                   (P^T from registers)
+//        dP^T = V dO^T,  dS^T = P^T * (dP^T - delta)
+//        dK  += dS^T Q                                   (dS^T from registers)
+//      so dK and dV stay in registers for the whole CTA (summed over the
+//      group's query heads: GQA needs no atomics for them).
+//   3. dS^T goes through shared memory; each warp then takes 16 query rows,
+//      dQ = scale dS K, and adds it to a float32 accumulator with atomics.
+//   4. Finally dK * scale and dV are written once.
+// Rows past a sequence's end load as zeros; their lse reads as +inf, so P = 0
+// there (as for a query that sees no key), and they are never written.
+// The grid and its order come from flash_plan over key tiles (longest
+// sequences first), as in the forward.
+//
+// Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
+// HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
+// 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a):
+//   head_dim  32: 174 / 210     head_dim  96: 244 / 254
+//   head_dim  64: 229 / 239     head_dim 128: 255 / 255, spilling 36 / 64 bytes
+// Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T, lse and
+// delta: 38 KB at head_dim 32, 79 KB at 128.
+// Measured (H100, bf16, head_dim 128): W1 10.2 ms, W2 5.9 ms, about 100
+// TFLOP/s counting 2.5x the forward's FLOPs: correct, not yet fast (one
+// 128-thread CTA per key tile, dQ by atomics); the Hopper backward is next.
+#include "flash_common.cuh"
+
+#define BWD_THREADS 128
+#define BWD_BLOCK 64
+
+// The backward's own tensors; strides in elements.
+struct BwdParams {
+    const void* dout;          // (total_q, heads, head_dim)
+    float* dq_accum;           // (total_q, heads, head_dim) float32, zeroed, contiguous
+    void* dk;                  // (total_k, heads_kv, head_dim) contiguous
+    void* dv;
+    const float* delta;        // (heads, total_q)
+    long long dout_row_stride, dout_head_stride;
+};
+
+template <int HEAD_DIM>
+struct BwdRows {
+    static constexpr int PITCH = HEAD_DIM + 8;  // elements: ldmatrix rows in distinct banks
+    static __device__ __forceinline__ int offset(int row, int chunk) { return row * PITCH * 2 + chunk * 16; }
+};
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(BWD_THREADS, 1)
+flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const BwdParams g) {
+    constexpr int D_BLOCKS = HEAD_DIM / 8, N_BLOCKS = BWD_BLOCK / 8;
+    using Rows = BwdRows<HEAD_DIM>;
+    using DsRows = BwdRows<BWD_BLOCK>;
+    constexpr int ROW_BYTES = Rows::PITCH * 2, DS_ROW_BYTES = DsRows::PITCH * 2;
+    constexpr int TILE_BYTES = BWD_BLOCK * ROW_BYTES;
+
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    unsigned char* k_tile = shared_bytes;
+    unsigned char* v_tile = k_tile + TILE_BYTES;
+    unsigned char* q_tile = v_tile + TILE_BYTES;
+    unsigned char* do_tile = q_tile + TILE_BYTES;
+    unsigned char* ds_tile = do_tile + TILE_BYTES;                      // dS^T: [key][query]
+    float* lse_tile = (float*)(ds_tile + BWD_BLOCK * DS_ROW_BYTES);    // log2-scaled
+    float* delta_tile = lse_tile + BWD_BLOCK;
+
+    // Which key tile: flash_plan laid the sequences' key tiles out in order.
+    const int h_kv = blockIdx.x % p.heads_kv;
+    const int tile = blockIdx.x / p.heads_kv;
+    if (tile >= tile_offsets[p.batch]) return;
+    int pos = 0;
+    for (int hi = p.batch; hi - pos > 1;) {
+        const int mid = (pos + hi) / 2;
+        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
+    }
+    const int b = order[pos];
+    const int n0 = (tile - tile_offsets[pos]) * BWD_BLOCK;
+    const SeqSpan queries = query_span(p, b), keys = key_span(p, b);
+    const long long diagonal = p.lower_right ? (long long)keys.len - queries.len : 0;
+    // Query rows that may see keys [n0, n0 + BWD_BLOCK).
+    long long row_begin = 0, row_end = queries.len;
+    if (p.causal || p.window_right >= 0) {
+        const long long right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
+        row_begin = max(row_begin, n0 - diagonal - right);
+    }
+    if (p.window_left >= 0) row_end = min(row_end, n0 + BWD_BLOCK - 1 - diagonal + p.window_left + 1);
+    const int first_m = (int)(row_begin / BWD_BLOCK);
+    const int end_m = row_end > row_begin ? (int)((row_end + BWD_BLOCK - 1) / BWD_BLOCK) : first_m;
+
+    const T* k = (const T*)p.k + keys.start * p.k_row_stride + h_kv * p.k_head_stride;
+    const T* v = (const T*)p.v + keys.start * p.v_row_stride + h_kv * p.v_head_stride;
+    load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(k_tile, k, p.k_row_stride, n0, keys.len);
+    load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(v_tile, v, p.v_row_stride, n0, keys.len);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float scale_log2 = (float)p.scale * LOG2_E;
+    // ldmatrix row addresses: A operands from 16 rows of a tile (the warp's keys
+    // or queries), B operands as the forward reads K (non-transposed) and V (transposed).
+    auto a_lane = [&](const unsigned char* tile_, int row_bytes) {
+        return smem_address(tile_ + (warp * 16 + lane % 16) * row_bytes + (lane / 16) * 16);
+    };
+    auto b_lane = [&](const unsigned char* tile_) {
+        return smem_address(tile_ + (lane % 8 + (lane / 16) * 8) * ROW_BYTES + ((lane / 8) % 2) * 16);
+    };
+    auto bt_lane = [&](const unsigned char* tile_) {
+        return smem_address(tile_ + (lane % 8 + ((lane / 8) % 2) * 8) * ROW_BYTES + (lane / 16) * 16);
+    };
+    const unsigned k_a = a_lane(k_tile, ROW_BYTES), v_a = a_lane(v_tile, ROW_BYTES);
+    const unsigned q_b = b_lane(q_tile), do_b = b_lane(do_tile);
+    const unsigned q_bt = bt_lane(q_tile), do_bt = bt_lane(do_tile), k_bt = bt_lane(k_tile);
+    // dS as the A operand of dQ = dS K: transposed 8x8 blocks of the stored dS^T.
+    const unsigned ds_at = smem_address(ds_tile + (lane % 8 + (lane / 16) * 8) * DS_ROW_BYTES +
+                                        (warp * 16 + ((lane / 8) % 2) * 8) * 2);
+
+    float dk[D_BLOCKS * 4], dv[D_BLOCKS * 4];
+#pragma unroll
+    for (int e = 0; e < D_BLOCKS * 4; ++e) dk[e] = dv[e] = 0.f;
+    const int key_row = warp * 16 + lane / 4;  // this thread's keys: key_row and key_row + 8 of the tile
+
+    const int group = p.heads / p.heads_kv;
+    for (int h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+        const T* q = (const T*)p.q + queries.start * p.q_row_stride + h * p.q_head_stride;
+        const T* dout = (const T*)g.dout + queries.start * g.dout_row_stride + h * g.dout_head_stride;
+        const float* lse = (const float*)p.lse + h * p.total_q + queries.start;
+        const float* delta = g.delta + h * p.total_q + queries.start;
+        for (int m_tile = first_m; m_tile < end_m; ++m_tile) {
+            const int m0 = m_tile * BWD_BLOCK;
+            __syncthreads();  // every warp is done with the previous Q, dO and dS^T
+            load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(q_tile, q, p.q_row_stride, m0, queries.len);
+            load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(do_tile, dout, g.dout_row_stride, m0, queries.len);
+            cp_async_commit();
+            if (threadIdx.x < BWD_BLOCK) {
+                const int i = m0 + threadIdx.x;
+                const float l = i < queries.len ? lse[i] : neg_inf<float>();
+                // A row past the end, or one that sees no key, gets P = 0.
+                lse_tile[threadIdx.x] = l == neg_inf<float>() ? -neg_inf<float>() : l * LOG2_E;
+                delta_tile[threadIdx.x] = i < queries.len ? delta[i] : 0.f;
+            }
+            cp_async_wait<0>();
+            __syncthreads();
+
+            // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x 64 queries.
+            float s[N_BLOCKS * 4], dp[N_BLOCKS * 4];
+#pragma unroll
+            for (int e = 0; e < N_BLOCKS * 4; ++e) s[e] = dp[e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                unsigned ak[4], av[4];
+                ldmatrix_x4(ak, k_a + kk * 32);
+                ldmatrix_x4(av, v_a + kk * 32);
+#pragma unroll
+                for (int np = 0; np < N_BLOCKS / 2; ++np) {
+                    unsigned bq[4], bo[4];
+                    ldmatrix_x4(bq, q_b + np * 16 * ROW_BYTES + kk * 32);
+                    ldmatrix_x4(bo, do_b + np * 16 * ROW_BYTES + kk * 32);
+                    mma_16816<T>(&s[8 * np], ak, bq[0], bq[1]);
+                    mma_16816<T>(&s[8 * np + 4], ak, bq[2], bq[3]);
+                    mma_16816<T>(&dp[8 * np], av, bo[0], bo[1]);
+                    mma_16816<T>(&dp[8 * np + 4], av, bo[2], bo[3]);
+                }
+            }
+            // P^T and dS^T in place; masked elements become 0.
+#pragma unroll
+            for (int j = 0; j < N_BLOCKS; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = n0 + key_row + 8 * (e / 2), query = m0 + 8 * j + 2 * (lane % 4) + e % 2;
+                    const int c = 8 * j + 2 * (lane % 4) + e % 2;
+                    const bool visible = key < keys.len && query < queries.len &&
+                                         key_visible(p, query, key, queries.len, keys.len);
+                    const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c])) : 0.f;
+                    s[4 * j + e] = prob;
+                    dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);
+                }
+            // dV += P^T dO and dK += dS^T Q: A from registers, B transposed from shared memory.
+#pragma unroll
+            for (int kk = 0; kk < BWD_BLOCK / 16; ++kk) {
+                unsigned ap[4], ads[4];
+                p_fragment<T, N_BLOCKS>(s, kk, ap);
+                p_fragment<T, N_BLOCKS>(dp, kk, ads);
+#pragma unroll
+                for (int dd = 0; dd < D_BLOCKS / 2; ++dd) {
+                    unsigned bo[4], bq[4];
+                    ldmatrix_x4_trans(bo, do_bt + kk * 16 * ROW_BYTES + dd * 32);
+                    ldmatrix_x4_trans(bq, q_bt + kk * 16 * ROW_BYTES + dd * 32);
+                    mma_16816<T>(&dv[8 * dd], ap, bo[0], bo[1]);
+                    mma_16816<T>(&dv[8 * dd + 4], ap, bo[2], bo[3]);
+                    mma_16816<T>(&dk[8 * dd], ads, bq[0], bq[1]);
+                    mma_16816<T>(&dk[8 * dd + 4], ads, bq[2], bq[3]);
+                }
+            }
+            // dS^T -> shared memory, rows = keys.
+#pragma unroll
+            for (int j = 0; j < N_BLOCKS; ++j)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    *(unsigned*)(ds_tile + (key_row + 8 * r) * DS_ROW_BYTES + (8 * j + 2 * (lane % 4)) * 2) =
+                        pack2<T>(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
+            __syncthreads();
+
+            // dQ (this warp's 16 query rows) = scale dS K, added to the accumulator.
+            float dq[D_BLOCKS * 4];
+#pragma unroll
+            for (int e = 0; e < D_BLOCKS * 4; ++e) dq[e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BWD_BLOCK / 16; ++kk) {
+                unsigned ads[4];
+                ldmatrix_x4_trans(ads, ds_at + kk * 16 * DS_ROW_BYTES);
+#pragma unroll
+                for (int dd = 0; dd < D_BLOCKS / 2; ++dd) {
+                    unsigned bk[4];
+                    ldmatrix_x4_trans(bk, k_bt + kk * 16 * ROW_BYTES + dd * 32);
+                    mma_16816<T>(&dq[8 * dd], ads, bk[0], bk[1]);
+                    mma_16816<T>(&dq[8 * dd + 4], ads, bk[2], bk[3]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = m0 + warp * 16 + lane / 4 + 8 * r;
+                if (i >= queries.len) continue;
+                float* row = g.dq_accum + ((queries.start + i) * p.heads + h) * HEAD_DIM;
+#pragma unroll
+                for (int j = 0; j < D_BLOCKS; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) atomicAdd(row + 8 * j + 2 * (lane % 4) + c, dq[4 * j + 2 * r + c] * (float)p.scale);
+            }
+        }
+    }
+
+    // dK * scale and dV for this warp's keys, once.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = n0 + key_row + 8 * r;
+        if (key >= keys.len) continue;
+        const long long at = ((keys.start + key) * p.heads_kv + h_kv) * HEAD_DIM;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            *(unsigned*)((T*)g.dk + at + c) = pack2<T>(dk[4 * j + 2 * r] * (float)p.scale, dk[4 * j + 2 * r + 1] * (float)p.scale);
+            *(unsigned*)((T*)g.dv + at + c) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
