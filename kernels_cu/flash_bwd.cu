@@ -159,10 +159,8 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                     unsigned bq[4], bo[4];
                     ldmatrix_x4(bq, q_b + np * 16 * ROW_BYTES + kk * 32);
                     ldmatrix_x4(bo, do_b + np * 16 * ROW_BYTES + kk * 32);
-                    mma_16816<T>(&s[8 * np], ak, bq[0], bq[1]);
-                    mma_16816<T>(&s[8 * np + 4], ak, bq[2], bq[3]);
-                    mma_16816<T>(&dp[8 * np], av, bo[0], bo[1]);
-                    mma_16816<T>(&dp[8 * np + 4], av, bo[2], bo[3]);
+                    mma_16x16<T>(&s[8 * np], ak, bq);
+                    mma_16x16<T>(&dp[8 * np], av, bo);
                 }
             }
             // P^T and dS^T in place; masked elements become 0. Element masks
@@ -194,10 +192,8 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                     unsigned bo[4], bq[4];
                     ldmatrix_x4_trans(bo, do_bt + kk * 16 * ROW_BYTES + dd * 32);
                     ldmatrix_x4_trans(bq, q_bt + kk * 16 * ROW_BYTES + dd * 32);
-                    mma_16816<T>(&dv[8 * dd], ap, bo[0], bo[1]);
-                    mma_16816<T>(&dv[8 * dd + 4], ap, bo[2], bo[3]);
-                    mma_16816<T>(&dk[8 * dd], ads, bq[0], bq[1]);
-                    mma_16816<T>(&dk[8 * dd + 4], ads, bq[2], bq[3]);
+                    mma_16x16<T>(&dv[8 * dd], ap, bo);
+                    mma_16x16<T>(&dk[8 * dd], ads, bq);
                 }
             }
             // dS^T -> shared memory, rows = keys.
@@ -221,8 +217,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 for (int dd = 0; dd < D_BLOCKS / 2; ++dd) {
                     unsigned bk[4];
                     ldmatrix_x4_trans(bk, k_bt + kk * 16 * ROW_BYTES + dd * 32);
-                    mma_16816<T>(&dq[8 * dd], ads, bk[0], bk[1]);
-                    mma_16816<T>(&dq[8 * dd + 4], ads, bk[2], bk[3]);
+                    mma_16x16<T>(&dq[8 * dd], ads, bk);
                 }
             }
 #pragma unroll

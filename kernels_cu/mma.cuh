@@ -53,6 +53,14 @@ DEFINE_FOR_16BIT(half_t, "f16")
 DEFINE_FOR_16BIT(bf16_t, "bf16")
 #undef DEFINE_FOR_16BIT
 
+// D (16 x 16 as two m16n8 accumulators, d[0..7]) += A (16 x 16) B (16 x 16),
+// B as the four registers of one ldmatrix_x4 (two 16 x 8 halves).
+template <typename T>
+__device__ __forceinline__ void mma_16x16(float* d, const unsigned (&a)[4], const unsigned (&b)[4]) {
+    mma_16816<T>(d, a, b[0], b[1]);
+    mma_16816<T>(d + 4, a, b[2], b[3]);
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
