@@ -50,15 +50,6 @@ def test_use_backends_bad_name():
             pass
 
 
-def test_gradients_are_not_supported_yet(gen):
-    q, k, v, cu_q, cu_k = small(gen)
-    q.requires_grad_(True)
-    with pytest.raises(varattn.NoBackendError, match="grad"):
-        varattn.varlen_attention(q, k, v, cu_q, cu_k)
-    with torch.no_grad():
-        varattn.varlen_attention(q, k, v, cu_q, cu_k)
-
-
 def test_dropout_declined_with_reason(gen):
     with pytest.raises(NotImplementedError, match="dropout_p"):
         varattn.varlen_attention(*small(gen), dropout_p=0.2)

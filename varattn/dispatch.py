@@ -10,6 +10,9 @@ import contextlib
 import contextvars
 from dataclasses import dataclass, field
 
+import torch
+
+from . import ops
 from .backends import REGISTRY, Backend
 
 _allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
@@ -23,6 +26,12 @@ class NoBackendError(NotImplementedError):
 def allowed() -> frozenset:
     """The backends `use_backends` allows here."""
     return _allowed.get()
+
+
+@torch.compiler.assume_constant_result
+def allowed_names() -> list[str]:
+    """The names of `allowed()`, sorted; torch.compile takes them as a constant of the traced call."""
+    return sorted(b.value for b in _allowed.get())
 
 
 @contextlib.contextmanager
@@ -77,18 +86,30 @@ def explain_params(params) -> Explanation:
     return explanation
 
 
-def select(params):
-    """The module of the first allowed backend that can run the call (later
-    ones are not asked); raises NoBackendError listing every backend's reasons."""
-    allowed = _allowed.get()
+def select(params, allowed=None):
+    """The module of the first backend in `allowed` (default: what
+    use_backends allows) that can run the call (later ones are not asked);
+    raises NoBackendError listing every backend's reasons."""
+    allowed = _allowed.get() if allowed is None else allowed
     for backend, module in REGISTRY.items():
         if module is not None and backend in allowed and not module.reasons(params):
             return module
-    raise NoBackendError("varattn: no backend can run this call.\n" + str(explain_params(params)))
+    token = _allowed.set(allowed)
+    try:
+        why = str(explain_params(params))
+    finally:
+        _allowed.reset(token)
+    raise NoBackendError("varattn: no backend can run this call.\n" + why)
 
 
 def run(params):
-    """(out, lse) from the chosen backend; lse may be None unless params.return_lse."""
+    """(out, lse) from the chosen backend; lse may be None unless params.return_lse.
+
+    A call that needs gradients, or is traced by torch.compile, goes through
+    the custom op (varattn/ops.py); any other calls the backend directly.
+    """
+    if params.requires_grad or torch.compiler.is_compiling():
+        return ops.attention(params)
     return select(params).forward(params)
 
 

@@ -14,7 +14,7 @@ from .params import build_params
 
 def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, key_padding_mask=None,
               attn_mask=None, causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
-              dropout_p=0.0, return_lse=False):
+              dropout_p=0.0, return_lse=False, deterministic=False):
     """Scaled dot-product attention over a batch of sequences of different lengths.
 
     Args:
@@ -39,7 +39,13 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
         window: (left, right) sliding window around the same diagonal; -1 = unbounded.
         scale: score scale, default 1/sqrt(D).
         dropout_p: dropout on the attention weights (no backend supports it yet).
-        return_lse: also return the log-sum-exp of each query row's scores.
+        return_lse: also return the log-sum-exp of each query row's scores
+            (differentiable, like the output).
+        deterministic: the backward gives the same bits on every run (also
+            on under torch.use_deterministic_algorithms(True)).
+
+    Gradients flow to query, key, value (NestedTensor or padded; zero at
+    padded positions) and to an additive attn_mask that requires grad.
 
     Returns:
         The output in the caller's form: a NestedTensor of the same layout, or a
@@ -49,9 +55,10 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
         inputs), -inf for rows that see no key.
     """
     options = dict(causal=causal, causal_align=causal_align, window=window, scale=scale, dropout_p=dropout_p,
-                   return_lse=return_lse)
+                   return_lse=return_lse, deterministic=deterministic)
     if nested.is_nested(query) and nested.is_nested(key) and nested.is_nested(value) and \
-            lengths is None and kv_lengths is None and key_padding_mask is None:
+            lengths is None and kv_lengths is None and key_padding_mask is None and \
+            not _needs_grad(query, key, value, attn_mask):
         return _nested_call(query, key, value, layout, attn_mask, options)()
     params, finish = prepare(query, key, value, layout=layout, lengths=lengths, kv_lengths=kv_lengths,
                              key_padding_mask=key_padding_mask, attn_mask=attn_mask, **options)
@@ -125,10 +132,15 @@ class _NestedCall:
         return _nested_result(p, self.form, out, lse, out_nested)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _nested_call(query, key, value, layout, attn_mask, options):
-    """The call for these NestedTensors, remembered (varattn/repeat.py) when no mask comes with it."""
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    signature = (layout, *options.values(), needs_grad, dispatch.allowed(), checks.device_checks_enabled())
+    """The call for these NestedTensors (none needs grad), remembered
+    (varattn/repeat.py) when no mask comes with it."""
+    signature = (layout, *options.values(), torch.are_deterministic_algorithms_enabled(), dispatch.allowed(),
+                 checks.device_checks_enabled())
     call = repeat.find(query, key, value, signature) if attn_mask is None else None
     if call is None:
         call = _NestedCall(*_nested_params(query, key, value, layout, attn_mask, options))

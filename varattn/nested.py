@@ -10,6 +10,7 @@ the same layout over a fresh buffer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy
@@ -39,6 +40,12 @@ class NestedForm:
             nested = torch.nested.nested_tensor_from_jagged(
                 values, offsets=self.offsets, lengths=self.lengths, max_seqlen=self.max_seqlen)
             return nested.transpose(1, 2) if self.ragged_dim == 2 else nested
+        if torch.is_grad_enabled() and values.requires_grad:
+            # torch's backward of a view of a buffer reads the gradient as laid out like the view,
+            # which gradients made elsewhere are not: components copied out keep autograd exact.
+            seq = self.ragged_dim - 1
+            return torch.nested.as_nested_tensor(
+                [values[start:start + n].movedim(0, seq) for start, n in zip(self.starts.tolist(), self.seq_lengths.tolist())])
         base = values if values.is_contiguous() else values.transpose(0, 1)  # lse comes as (H, rows).T
         if not base.is_contiguous():
             values = base = values.contiguous()
@@ -93,10 +100,18 @@ _unpacked = WeakIdKeyDictionary()
 
 
 def unpack(nt: torch.Tensor, ragged_dim: int, name: str) -> tuple[Ragged, NestedForm]:
-    """The packed form of `nt`, whose sequence dimension is `ragged_dim`."""
+    """The packed form of `nt`, whose sequence dimension is `ragged_dim`.
+
+    When a gradient must reach `nt`, the packed rows are taken from it again
+    in this call (the cached ones may come from a call without grad), so that
+    autograd records the way back to it.
+    """
     found = _unpacked.get(nt)
     if found is not None and found[0] == ragged_dim:
-        return found[1], found[2]
+        ragged, form = found[1], found[2]
+        if torch.is_grad_enabled() and nt.requires_grad:
+            ragged = dataclasses.replace(ragged, values=_rows_again(nt, ragged, ragged_dim))
+        return ragged, form
     if ragged_dim not in (1, 2) or nt.dim() <= ragged_dim:
         raise ValueError(f"{name} must be a NestedTensor ragged in dim 1 or 2 of at least {ragged_dim + 1} dims; "
                          f"got ragged dim {ragged_dim} of {nt.dim()}")
@@ -106,6 +121,23 @@ def unpack(nt: torch.Tensor, ragged_dim: int, name: str) -> tuple[Ragged, Nested
         ragged, form = _unpack_strided(nt, ragged_dim, name)
     _unpacked[nt] = (ragged_dim, ragged, form)
     return ragged, form
+
+
+def _rows_again(nt, ragged: Ragged, ragged_dim: int) -> torch.Tensor:
+    """`ragged.values`, made again from `nt` by the same views (or copy)."""
+    if nt.layout == torch.jagged:
+        return nt.values().movedim(ragged_dim - 1, 0)
+    rows, buffer = ragged.values, nt.values()
+    if rows.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():  # a view of the components' buffer
+        return buffer.as_strided(rows.shape, rows.stride(), rows.storage_offset())
+    return _gathered(nt, ragged_dim - 1, rows.shape[1:])  # components laid out unevenly: a copy
+
+
+def _gathered(nt, seq: int, features) -> torch.Tensor:
+    """The components of strided `nt` one after another, sequence dim `seq` first (a copy)."""
+    if not any(c.shape[seq] for c in nt.unbind()):
+        return torch.empty(0, *features, dtype=nt.dtype, device=nt.device)
+    return torch.cat([c.movedim(seq, 0) for c in nt.unbind()])
 
 
 def _unpack_jagged(nt, ragged_dim, name):
@@ -140,8 +172,7 @@ def _unpack_strided(nt, ragged_dim, name):
     lengths = sizes[:, seq]
     layout = _shared_buffer_layout(strides, offsets, lengths, seq)
     if layout is None:  # components laid out unevenly (or all empty): gather them, a copy
-        values = torch.cat([c.movedim(seq, 0) for c in nt.unbind()]) if lengths.any() else \
-            torch.empty(0, *features, dtype=nt.dtype, device=nt.device)
+        values = _gathered(nt, seq, features)
         starts = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]])
         contiguous = True
     else:

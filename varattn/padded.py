@@ -71,6 +71,9 @@ def lengths_arg(lengths, batch: int, length: int, device, name: str):
             raise TypeError(f"{name} must hold integers, got {lengths.dtype}")
         if lengths.device.type != "cpu":
             checks.on_device(lengths, name, device, "query")
+        if torch.compiler.is_compiling():  # traced, not read: its contents are checked in eager calls
+            return lengths.to(device=device, dtype=torch.int32), None
+        if lengths.device.type != "cpu":
             if checks.device_checks_enabled():
                 _check_host_lengths(lengths.tolist(), length, name)
             return lengths.to(torch.int32), None
@@ -95,7 +98,7 @@ def lengths_from_padding_mask(mask, batch: int, length: int, device):
                          f"got {mask.dtype} {tuple(mask.shape)}")
     checks.on_device(mask, "key_padding_mask", device, "query")
     lengths = (~mask).sum(1)
-    if mask.device.type == "cpu" or checks.device_checks_enabled():
+    if (mask.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
         # right padding only: once a row is padding, the rest of it is too
         if (mask.int().cummax(1).values != mask.int()).any():
             raise ValueError("key_padding_mask must pad at the end of each sequence (True after the "

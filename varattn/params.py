@@ -37,6 +37,8 @@ class AttentionParams:
     dropout_p: float
     return_lse: bool
     out: torch.Tensor | None = None        # (total_q, H, D_v) to write into (a backend's prepare() sets it)
+    requires_grad: bool = False            # grad mode on and an input requires grad: a backward will follow
+    deterministic: bool = False            # the backward must give the same bits on every run
 
     @property
     def batch_size(self) -> int:
@@ -89,11 +91,6 @@ class AttentionParams:
             return "none"
         return "bool" if self.attn_bias.dtype == torch.bool else "additive"
 
-    @property
-    def requires_grad(self) -> bool:
-        tensors = (self.q, self.k, self.v, self.attn_bias)
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
     def new_out(self) -> torch.Tensor:
         """Output buffer (`out` when given); zeroed where some rows (padding, holes) belong to no sequence."""
         shape = (self.total_q, self.num_heads, self.head_dim_v)
@@ -113,7 +110,7 @@ class AttentionParams:
 def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
-    attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False,
+    attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
 ) -> AttentionParams:
     """Validate packed inputs (host-side) and describe the call."""
     checks.packed_qkv(q, k, v)
@@ -138,9 +135,13 @@ def build_params(
     window = checks.window(window)
     scale = checks.scale(scale, q.shape[-1])
     checks.dropout(dropout_p)
+    checks.flag(deterministic, "deterministic")
     if attn_bias is not None:
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
-    if q.device.type == "cpu" or checks.device_checks_enabled():
+    requires_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_bias))
+    # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
+    if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
         checks.lengths_content(cu_seqlens_q, seqused_q, q.shape[0], max_seqlen_q, "q")
         checks.lengths_content(cu_seqlens_k, seqused_k, k.shape[0], max_seqlen_k, "k")
     return AttentionParams(
@@ -149,4 +150,6 @@ def build_params(
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
         causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
         attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
+        requires_grad=requires_grad,
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
     )

@@ -7,7 +7,7 @@ from .params import build_params
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None,
-                     dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False):
+                     dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False):
     """Attention over packed sequences, with FlashAttention's varlen conventions.
 
     Args:
@@ -33,13 +33,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             outside every sequence are zero.
         return_lse: also return lse (H, total_q), the natural-log log-sum-exp
             of each row's scores: float32 (float64 for float64 inputs), -inf for
-            a row that sees no key.
+            a row that sees no key. Differentiable, like out.
+        deterministic: the backward gives the same bits on every run (also
+            on under torch.use_deterministic_algorithms(True)).
+
+    Gradients flow to q, k, v and to an additive attn_bias that requires
+    grad (summed over its broadcast dimensions); rows outside every
+    sequence get zero gradients. Under torch.compile the call is one custom
+    op (varattn::attention) with its backward (varattn::attention_backward).
 
     Returns:
         out (total_q, H, D_v), or (out, lse) with return_lse.
     """
     params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                           causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
-                          dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse)
+                          dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
+                          deterministic=deterministic)
     out, lse = dispatch.run(params)
     return (out, lse) if return_lse else out

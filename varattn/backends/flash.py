@@ -25,6 +25,7 @@ CAPABILITIES = capabilities.Capabilities(
     head_dims=HEAD_DIMS,
     min_compute_capability=(8, 0),
     window=True,
+    backward=True,
 )
 log = logging.getLogger("varattn")
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
@@ -87,6 +88,11 @@ for _family in ("flash_fwd", "flash_fwd_hopper"):
 
 def reasons(params) -> list[str]:
     found = capabilities.reasons(CAPABILITIES, params)
+    if params.requires_grad:
+        if params.head_dim not in BACKWARD_HEAD_DIMS:
+            found.append(f"the backward takes head_dim in {BACKWARD_HEAD_DIMS}, got {params.head_dim}")
+        if params.deterministic:
+            found.append("the backward adds dQ with atomics: not deterministic")
     if params.device.type != "cuda":
         return found
     missing = loader.cupy_missing_reason()
@@ -162,9 +168,10 @@ def forward(params):
 
 # The backward (kernels_cu/flash_bwd.cu): mma.sync, 64 x 64 tiles, head dims up to 128.
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
-BACKWARD_BLOCK, BACKWARD_THREADS = 64, 128
-_BACKWARD_ARGS = struct.Struct("<QQQQQqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
+BACKWARD_BLOCK, BACKWARD_THREADS, DELTA_THREADS = 64, 128, 256
+_BACKWARD_ARGS = struct.Struct("<QQQQQQqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
 loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}>" for t in STORAGE_TYPES.values() for d in BACKWARD_HEAD_DIMS]
+                       + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
 
 
@@ -173,30 +180,42 @@ def backward_shared_mem(head_dim: int) -> int:
     return 4 * BACKWARD_BLOCK * (head_dim + 8) * 2 + BACKWARD_BLOCK * (BACKWARD_BLOCK + 8) * 2 + 2 * BACKWARD_BLOCK * 4
 
 
-def backward(params, out, lse, grad_out):
-    """(dq, dk, dv) of the call `params` whose forward gave `out` and `lse`."""
-    if grad_out.data_ptr() % 16 or grad_out.stride(0) % 8 or grad_out.stride(1) % 8 or grad_out.stride(2) != 1:
+def _aligned(x) -> bool:
+    return x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and x.stride(2) == 1
+
+
+def backward(params, out, lse, grad_out, grad_lse, bias_grad):
+    """(dq, dk, dv, None) of the call `params` whose forward gave `out` and
+    `lse`; grad_lse (H, total_q), or None, is the gradient reaching lse."""
+    if not _aligned(grad_out):
         grad_out = grad_out.contiguous()
     q, k = params.q, params.k
     holes_k = params.seqused_k is not None
     dk = (torch.zeros_like if holes_k else torch.empty_like)(k, memory_format=torch.contiguous_format)
     dv = (torch.zeros_like if holes_k else torch.empty_like)(params.v, memory_format=torch.contiguous_format)
-    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    batch = params.batch_size
+    batch, device = params.batch_size, params.device
     if params.total_q == 0 or params.total_k == 0 or batch == 0:
-        return dq_accum.to(q.dtype), dk.zero_(), dv.zero_()
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1).contiguous()  # rowsum(dO * O): (H, total_q)
-    device, shared_mem = params.device, backward_shared_mem(params.head_dim)
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_(), None
+    dq_accum = torch.empty(q.shape, dtype=torch.float32, device=device)   # zeroed by flash_bwd_delta
+    delta = torch.empty(params.num_heads, params.total_q, dtype=torch.float32, device=device)
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    dtype, shared_mem = STORAGE_TYPES[params.dtype], backward_shared_mem(params.head_dim)
+    delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{dtype}>", device)
     plan_kernel = loader.kernel("flash_bwd", f"flash_plan<{BACKWARD_BLOCK}, true>", device)
-    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{STORAGE_TYPES[params.dtype]}, {params.head_dim}>", device,
+    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{dtype}, {params.head_dim}>", device,
                                dynamic_shared_mem=shared_mem)
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
     packed = kernel_params.pack(params, out, lse)
     plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
     grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                                grad_out.stride(0), grad_out.stride(1))
-    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args))
+                                0 if grad_lse is None else grad_lse.data_ptr(), grad_out.stride(0), grad_out.stride(1))
+    stream = loader.current_stream(bwd_kernel)
+    rows_per_block = DELTA_THREADS // 32
+    loader.launch(delta_kernel, (-(-params.total_q * params.num_heads // rows_per_block),), (DELTA_THREADS,),
+                  loader.Args(packed, grads), stream=stream)
+    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args), stream=stream)
     tiles_upper_bound = -(-params.total_k // BACKWARD_BLOCK) + batch
     loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (BACKWARD_THREADS,),
-                  loader.Args(packed, *plan_args, grads), shared_mem=shared_mem)
-    return dq_accum.to(q.dtype), dk, dv
+                  loader.Args(packed, *plan_args, grads), shared_mem=shared_mem, stream=stream)
+    return dq_accum.to(q.dtype), dk, dv, None

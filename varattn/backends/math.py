@@ -19,6 +19,7 @@ CAPABILITIES = capabilities.Capabilities(
     bias=True,
     window=True,
     head_dim_v_differs=True,
+    backward=True,
 )
 
 # Scores of one chunk of query rows: rows * heads * max_seqlen_k accumulators.
@@ -36,14 +37,22 @@ def reasons(params) -> list[str]:
     return found
 
 
-def rows_per_chunk(params) -> int:
-    """How many query rows' scores fit in the workspace at once."""
-    row_bytes = params.num_heads * max(params.max_seqlen_k, 1) * (8 if params.lse_dtype.itemsize == 8 else 4)
+def rows_per_chunk(params, matrices: int = 1) -> int:
+    """How many query rows' scores fit in the workspace at once, `matrices` score-sized tensors per row."""
+    row_bytes = matrices * params.num_heads * max(params.max_seqlen_k, 1) * params.lse_dtype.itemsize
     return max(1, min(params.total_q, WORKSPACE_BYTES // row_bytes))
 
 
 def forward(params):
     return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))
+
+
+def backward(params, out, lse, grad_out, grad_lse, bias_grad):
+    """(dq, dk, dv, dbias) of the call whose forward gave `out` and `lse`; see math_cpu.backward."""
+    if params.device.type == "cuda":
+        return math_cuda.backward(params, out, lse, grad_out, grad_lse, bias_grad)
+    # scores, probabilities, dP and dS of a chunk live at once
+    return math_cpu.backward(params, out, lse, grad_out, grad_lse, bias_grad, rows_per_chunk(params, matrices=4))
 
 
 def prepare(params):

@@ -4,11 +4,17 @@ from __future__ import annotations
 import torch
 
 
-
 def _spans(cu_seqlens, seqused):
     starts = cu_seqlens[:-1].tolist()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if seqused is None else seqused.tolist()
     return starts, lengths
+
+
+def _sequences(params):
+    """(b, start_q, len_q, start_k, len_k) of each sequence."""
+    starts_q, lengths_q = _spans(params.cu_seqlens_q, params.seqused_q)
+    starts_k, lengths_k = _spans(params.cu_seqlens_k, params.seqused_k)
+    return zip(range(params.batch_size), starts_q, lengths_q, starts_k, lengths_k)
 
 
 def key_visible(rows, len_q: int, len_k: int, params) -> torch.Tensor:
@@ -27,37 +33,92 @@ def key_visible(rows, len_q: int, len_k: int, params) -> torch.Tensor:
     return visible
 
 
+def _keys(params, start_k: int, len_k: int):
+    """Keys (H_kv, 1, Lk, D) and values (H_kv, 1, Lk, Dv) of one sequence: query heads of a group share them."""
+    acc = params.lse_dtype
+    k = params.k[start_k:start_k + len_k].to(acc).transpose(0, 1)[:, None]
+    v = params.v[start_k:start_k + len_k].to(acc).transpose(0, 1)[:, None]
+    return k, v
+
+
+def _by_group(params, x) -> torch.Tensor:
+    """Rows (r, H, d) of q, out or grad_out as (H_kv, G, r, d) in the accumulation dtype."""
+    return x.to(params.lse_dtype).view(x.shape[0], params.num_heads_kv, -1, x.shape[-1]).permute(1, 2, 0, 3)
+
+
+def _scores(params, b: int, first: int, len_q: int, q, k) -> torch.Tensor:
+    """(H_kv, G, r, Lk) scaled and biased scores of the r query rows from
+    `first` of sequence b, -inf where a key is hidden."""
+    rows, len_k = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * params.scale
+    keep = key_visible(torch.arange(first, first + rows), len_q, len_k, params)
+    if params.attn_bias is not None:
+        bias = params.attn_bias[b, :, first:first + rows, :len_k]
+        bias = bias.reshape(*scores.shape)
+        if params.bias_kind == "bool":
+            keep = keep & bias
+        else:
+            scores = scores + bias.to(scores.dtype)
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def _chunks(start_q: int, len_q: int, chunk: int):
+    """(first row in the sequence, its rows in the packed tensors) of each chunk."""
+    for first in range(0, len_q, chunk):
+        yield first, slice(start_q + first, start_q + min(first + chunk, len_q))
+
+
 def forward(params, chunk: int):
     """(out, lse), materialising scores for `chunk` query rows at a time."""
     out, lse = params.new_out(), params.new_lse()
-    acc = params.lse_dtype
-    heads, heads_kv = params.num_heads, params.num_heads_kv
-    group = heads // heads_kv
-    starts_q, lengths_q = _spans(params.cu_seqlens_q, params.seqused_q)
-    starts_k, lengths_k = _spans(params.cu_seqlens_k, params.seqused_k)
-    for b, (start_q, len_q, start_k, len_k) in enumerate(zip(starts_q, lengths_q, starts_k, lengths_k)):
-        # keys as (H_kv, 1, D, Lk) and values as (H_kv, 1, Lk, Dv): query heads of a group share them
-        k = params.k[start_k:start_k + len_k].to(acc).permute(1, 2, 0)[:, None]
-        v = params.v[start_k:start_k + len_k].to(acc).transpose(0, 1)[:, None]
-        for first in range(0, len_q, chunk):
-            rows = torch.arange(first, min(first + chunk, len_q))
-            q = params.q[start_q + first:start_q + first + len(rows)].to(acc)
-            q = q.view(len(rows), heads_kv, group, -1).permute(1, 2, 0, 3)     # (H_kv, G, r, D)
-            scores = (q @ k) * params.scale                                      # (H_kv, G, r, Lk)
-            keep = key_visible(rows, len_q, len_k, params)
-            if params.attn_bias is not None:
-                bias = params.attn_bias[b, :, first:first + len(rows), :len_k]
-                bias = bias.reshape(heads_kv, group, len(rows), len_k)
-                if params.bias_kind == "bool":
-                    keep = keep & bias
-                else:
-                    scores = scores + bias.to(acc)
-            scores = scores.masked_fill(~keep, float("-inf"))
+    heads = params.num_heads
+    for b, start_q, len_q, start_k, len_k in _sequences(params):
+        k, v = _keys(params, start_k, len_k)
+        for first, at in _chunks(start_q, len_q, chunk):
+            scores = _scores(params, b, first, len_q, _by_group(params, params.q[at]), k)
+            rows = scores.shape[2]
             row_max = scores.amax(-1, keepdim=True) if len_k else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
             exps = torch.exp(scores - row_max.nan_to_num(neginf=0.0))          # a row that sees nothing: all 0
             sums = exps.sum(-1, keepdim=True)
-            probs = exps / sums.clamp_min(torch.finfo(acc).tiny)
-            rows_out = (probs @ v).permute(2, 0, 1, 3).reshape(len(rows), heads, -1)
-            out[start_q + first:start_q + first + len(rows)] = rows_out.to(out.dtype)
-            lse[:, start_q + first:start_q + first + len(rows)] = (row_max + sums.log()).reshape(heads, len(rows))
+            probs = exps / sums.clamp_min(torch.finfo(scores.dtype).tiny)
+            out[at] = (probs @ v).permute(2, 0, 1, 3).reshape(rows, heads, -1).to(out.dtype)
+            lse[:, at] = (row_max + sums.log()).reshape(heads, rows)
     return out, lse
+
+
+def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool, chunk: int):
+    """(dq, dk, dv, dbias) of the call `params` whose forward gave `out` and
+    `lse`, recomputing the probabilities of `chunk` query rows at a time from
+    lse. grad_lse (H, total_q), or None, is the gradient reaching lse. dbias,
+    when bias_grad and the bias is additive, has the shape of
+    `params.attn_bias` (autograd sums it over the dimensions the caller's
+    bias broadcast); else None. Rows outside every sequence get zero gradients."""
+    acc = params.lse_dtype
+    heads, heads_kv = params.num_heads, params.num_heads_kv
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (params.q, params.k, params.v))
+    dbias = None
+    if bias_grad and params.bias_kind == "additive":
+        dbias = torch.zeros(params.attn_bias.shape, dtype=params.dtype)
+    for b, start_q, len_q, start_k, len_k in _sequences(params):
+        k, v = _keys(params, start_k, len_k)
+        dk_seq = k.new_zeros(heads_kv, len_k, k.shape[-1])
+        dv_seq = v.new_zeros(heads_kv, len_k, v.shape[-1])
+        for first, at in _chunks(start_q, len_q, chunk):
+            q = _by_group(params, params.q[at])                                   # (H_kv, G, r, D)
+            rows = q.shape[2]
+            scores = _scores(params, b, first, len_q, q, k)
+            row_lse = lse[:, at].to(acc).reshape(heads_kv, -1, rows, 1)
+            probs = torch.exp(scores - row_lse.nan_to_num(neginf=0.0))            # hidden keys, empty rows: 0
+            d_out = _by_group(params, grad_out[at])                               # (H_kv, G, r, Dv)
+            delta = (d_out * _by_group(params, out[at])).sum(-1, keepdim=True)    # rowsum(dO * O)
+            if grad_lse is not None:
+                delta = delta - grad_lse[:, at].to(acc).reshape(heads_kv, -1, rows, 1)
+            d_scores = probs * (d_out @ v.transpose(-1, -2) - delta)              # dS = P * (dP - delta)
+            dv_seq += (probs.transpose(-1, -2) @ d_out).sum(1)
+            dk_seq += (d_scores.transpose(-1, -2) @ q).sum(1) * params.scale
+            dq[at] = ((d_scores @ k) * params.scale).permute(2, 0, 1, 3).reshape(rows, heads, -1).to(dq.dtype)
+            if dbias is not None:
+                dbias[b, :, first:first + rows, :len_k] = d_scores.reshape(heads, rows, len_k).to(dbias.dtype)
+        dk[start_k:start_k + len_k] = dk_seq.transpose(0, 1).to(dk.dtype)
+        dv[start_k:start_k + len_k] = dv_seq.transpose(0, 1).to(dv.dtype)
+    return dq, dk, dv, dbias

@@ -1,0 +1,288 @@
+"""Gradients: every backend against the float64 reference's autograd, gradcheck
+on the math backend, deterministic backward runs, and the front ends."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference
+import varattn
+from test_varlen import FLASH_MASKS, MASKS
+from varattn.backends import flash
+
+# Gradients accumulate over a whole sequence and pass through P and dS in
+# the inputs' precision, so they get a looser bound than the forward.
+GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def finite(lse):
+    """lse with its -inf (rows that see no key) as 0, so a loss on it stays finite."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+
+
+def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch=6, longest=19, bias=False,
+                seqused=False, with_lse=True, **options):
+    """Gradients of q, k, v (and an additive bias) through varlen_attention,
+    out and lse both in the loss, against the reference's autograd."""
+    heads_q, heads_kv = heads
+    lengths_q = reference.lengths(gen, batch, longest)
+    lengths_k = reference.lengths(gen, batch, longest + 5)
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, lengths_q, lengths_k, heads_q, heads_kv, head_dim,
+                                                  dtype=dtype, device=device)
+    used = {}
+    if seqused:
+        used = dict(seqused_q=torch.tensor([n // 2 for n in lengths_q], dtype=torch.int32, device=device),
+                    seqused_k=torch.tensor([(n + 1) // 2 for n in lengths_k], dtype=torch.int32, device=device))
+    leaves = [q, k, v]
+    if bias:  # broadcast over the batch: its gradient sums over the sequences
+        leaves.append(reference.randn(gen, 1, heads_q, max(lengths_q) + 2, max(lengths_k), dtype=dtype, device=device))
+    leaves = [x.requires_grad_() for x in leaves]
+    grad_out = reference.randn(gen, q.shape[0], heads_q, head_dim, dtype=dtype, device=device)
+    grad_lse = reference.randn(gen, heads_q, q.shape[0], dtype=torch.float64)
+    with varattn.use_backends(backend):
+        out, lse = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, max(lengths_q), max(lengths_k),
+                                            attn_bias=leaves[3] if bias else None, return_lse=True, **used, **options)
+    loss = (out.double() * grad_out.double()).sum() + (finite(lse).double().cpu() * grad_lse).sum() * with_lse
+    loss.backward()
+
+    expected_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    expected, expected_lse = reference.attention(*expected_leaves[:3], cu_q, cu_k,
+                                                 attn_bias=expected_leaves[3] if bias else None, **used, **options)
+    expected_loss = (expected * grad_out.cpu().double()).sum() + (finite(expected_lse) * grad_lse).sum() * with_lse
+    expected_loss.backward()
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), leaves, expected_leaves):
+        assert got.grad.dtype == dtype and got.grad.shape == want.shape, name
+        assert reference.relative_error(got.grad, want.grad) <= GRAD_TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+def test_math_cpu(gen, dtype, mask):
+    heads = [(4, 4), (4, 2), (6, 1)][hash(str(mask)) % 3]
+    check_grads(gen, dtype, "cpu", "math", heads=heads, **mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [dict(), dict(causal=True, causal_align="lower_right", seqused=True)], ids=str)
+def test_math_bias_grad(gen, device, options):
+    check_grads(gen, torch.float64, device, "math", bias=True, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 40, 128, 512])
+@pytest.mark.parametrize("mask", MASKS[:4], ids=str)
+def test_math_cuda(gen, dtype, head_dim, mask):
+    check_grads(gen, dtype, "cuda", "math", head_dim=head_dim, heads=(6, 2), longest=40, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", flash.BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+def test_flash(gen, dtype, head_dim, mask):
+    heads = [(8, 8), (8, 2), (8, 1), (6, 3)][hash(str(mask)) % 4]
+    check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, batch=7, longest=300,
+                with_lse=hash(str(mask)) % 2 == 0, **mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_seqused_and_long_sequences(gen, head_dim):
+    check_grads(gen, torch.bfloat16, "cuda", "flash", heads=(8, 2), head_dim=head_dim, batch=4, longest=1500,
+                seqused=True, causal=True)
+
+
+# ---------------------------------------------------------------------------
+# gradcheck: finite differences in float64 on the math backend.
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal=True, causal_align="lower_right"),
+                                     dict(window=(1, 1))], ids=str)
+def test_gradcheck_math(gen, device, options):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [0, 1, 3, 4], [2, 0, 3, 5], 4, 2, 6, dtype=torch.float64,
+                                                  device=device)
+    bias = reference.randn(gen, 4, 1, 4, 5, dtype=torch.float64, device=device)
+
+    def attention(q, k, v, bias):
+        with varattn.use_backends("math"):
+            out, lse = varattn.varlen_attention(q, k, v, cu_q, cu_k, 4, 5, attn_bias=bias, return_lse=True, **options)
+        return out, finite(lse)
+    inputs = [x.requires_grad_() for x in (q, k, v, bias)]
+    assert torch.autograd.gradcheck(attention, inputs)
+
+
+# ---------------------------------------------------------------------------
+# Deterministic backward: the same bits on every run.
+
+def backward_twice(gen, device, dtype, **options):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [300, 0, 1, 257], [280, 5, 1, 300], 8, 2, 64, dtype=dtype,
+                                                  device=device)
+    grad_out = reference.randn(gen, *q.shape, dtype=dtype, device=device)
+    runs = []
+    for _ in range(2):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = varattn.varlen_attention(*leaves, cu_q, cu_k, 300, 300, causal=True, **options)
+        out.backward(grad_out)
+        runs.append([x.grad for x in leaves])
+    return runs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_argument(gen, device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    first, second = backward_twice(gen, device, dtype, deterministic=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_algorithms_are_honoured(gen, device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5], [5], 2, 2, 64, dtype=dtype, device=device)
+        q.requires_grad_()
+        assert varattn.explain(q, k, v, cu_q, cu_k, 5, 5).chosen is not None
+        first, second = backward_twice(gen, device, dtype)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_explain_says_why_flash_cannot_train(gen):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5], [5], 2, 2, 256, dtype=torch.bfloat16)
+    q.requires_grad_()
+    reasons = varattn.explain(q, k, v, cu_q, cu_k, 5, 5).reasons[varattn.Backend.FLASH]
+    assert any("backward" in r and "256" in r for r in reasons)
+    with torch.no_grad():
+        reasons = varattn.explain(q, k, v, cu_q, cu_k, 5, 5).reasons[varattn.Backend.FLASH]
+    assert not any("backward" in r for r in reasons)
+
+
+def test_no_grad_calls_bypass_the_custom_op(gen, monkeypatch):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5, 3], [4, 6], 2, 2, 8, dtype=torch.float64)
+    monkeypatch.setattr(varattn.ops, "attention", None)  # calling it would raise
+    varattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 6)
+    with pytest.raises(TypeError):
+        varattn.varlen_attention(q.requires_grad_(), k, v, cu_q, cu_k, 5, 6)
+
+
+# ---------------------------------------------------------------------------
+# The front ends: gradients reach NestedTensors, padded batches (zero at the
+# padding), the SDPA drop-in's inputs and mask, and nn.SelfAttention's weights.
+
+def front_end_dtype(device):
+    return torch.float64 if device == "cpu" else torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_nested_grads(gen, device, layout):
+    dtype, heads, head_dim = front_end_dtype(device), 4, 64
+    lengths = reference.lengths(gen, 5, 40)
+    if layout == torch.strided:  # torch's backward of view() on a strided NestedTensor fails when it starts empty
+        lengths.sort(reverse=True)
+    parts = [[reference.randn(gen, n, heads * head_dim, dtype=dtype, device=device) for n in lengths]
+             for _ in range(3)]
+    leaves = [torch.nested.nested_tensor(p, layout=layout, requires_grad=True) for p in parts]
+    q, k, v = (x.view(len(lengths), -1, heads, head_dim).transpose(1, 2) for x in leaves)
+    if layout == torch.jagged:  # key and value share their ragged structure
+        v = torch.nested.nested_tensor_from_jagged(v.transpose(1, 2).values(), k.offsets(),
+                                                   max_seqlen=max(lengths)).transpose(1, 2)
+    grad_out = [reference.randn(gen, heads, n, head_dim, dtype=dtype, device=device) for n in lengths]
+    varattn.attention(q, k, v, causal=True)  # a call without grad first: its cached packed form must not cut the graph
+    out = varattn.attention(q, k, v, causal=True)
+    packed_grad = torch.cat([g.transpose(0, 1) for g in grad_out])
+    if layout == torch.jagged:  # the output's own ragged structure
+        out.backward(torch.nested.nested_tensor_from_jagged(packed_grad, out.offsets()).transpose(1, 2))
+    else:
+        out.backward(torch.nested.nested_tensor(grad_out, layout=layout))
+
+    flat = [torch.cat(p).view(-1, heads, head_dim).cpu().double().requires_grad_() for p in parts]
+    cu = reference.cu_seqlens(lengths)
+    expected, _ = reference.attention(*flat, cu, cu, causal=True)
+    expected.backward(packed_grad.cpu().double())
+    grads = [leaves[0].grad, leaves[1].grad] + ([leaves[2].grad] if layout == torch.strided else [])
+    for got, want in zip(grads, flat):
+        assert reference.relative_error(torch.cat(got.unbind()), want.grad.view(want.shape[0], -1)) <= \
+            GRAD_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("lengths_as", ["list", "mask"])
+def test_padded_grads(gen, device, layout, lengths_as):
+    dtype, batch, length, heads, head_dim = front_end_dtype(device), 4, 23, 4, 64
+    lengths = [23, 0, 1, 11]
+    shape = (batch, heads, length, head_dim) if layout == "bhld" else (batch, length, heads, head_dim)
+    q, k, v = (reference.randn(gen, *shape, dtype=dtype, device=device).requires_grad_() for _ in range(3))
+    given = dict(lengths=lengths) if lengths_as == "list" else dict(
+        key_padding_mask=torch.arange(length, device=device)[None] >= torch.tensor(lengths, device=device)[:, None])
+    out = varattn.attention(q, k, v, layout=layout, causal=True, **given)
+    grad_out = reference.randn(gen, *shape, dtype=dtype, device=device)
+    out.backward(grad_out)
+
+    def rows(x):  # (B, L, H, D) valid rows, packed
+        x = x if layout == "blhd" else x.transpose(1, 2)
+        return torch.cat([x[b, :n] for b, n in enumerate(lengths)])
+    flat = [rows(x).detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    cu = reference.cu_seqlens(lengths)
+    expected, _ = reference.attention(*flat, cu, cu, causal=True)
+    expected.backward(rows(grad_out).cpu().double())
+    for x, want in zip((q, k, v), flat):
+        assert reference.relative_error(rows(x.grad), want.grad) <= GRAD_TOLERANCE[dtype]
+        grad = x.grad if layout == "blhd" else x.grad.transpose(1, 2)
+        for b, n in enumerate(lengths):
+            assert torch.equal(grad[b, n:], torch.zeros_like(grad[b, n:]))  # padding: exactly zero
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_grads_match_torch(gen, device):
+    """Dense SDPA with a broadcast additive mask: gradients of q, k, v and the mask as torch's."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    q, k, v = (reference.randn(gen, 2, 4, n, 32, dtype=dtype, device=device) for n in (9, 11, 11))
+    mask = reference.randn(gen, 1, 1, 9, 11, dtype=dtype, device=device)
+    grad_out = reference.randn(gen, 2, 4, 9, 32, dtype=dtype, device=device)
+    grads = []
+    for sdpa in (varattn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, mask)]
+        sdpa(*leaves[:3], attn_mask=leaves[3]).backward(grad_out)
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(*grads):
+        assert got.shape == want.shape and reference.relative_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_self_attention_grads(gen, device, layout):
+    """nn.SelfAttention on a NestedTensor: input and weight gradients as torch SDPA run per sequence."""
+    dtype, embed, heads = front_end_dtype(device), 128, 2
+    block = varattn.nn.SelfAttention(heads, embed, bias=True, is_causal=True).to(device, dtype)
+    parts = [reference.randn(gen, n, embed, dtype=dtype, device=device) for n in (7, 1, 12, 3)]
+    x = torch.nested.nested_tensor(parts, layout=layout, requires_grad=True)
+    y = block(x)
+    grad_out = [reference.randn(gen, *p.shape, dtype=dtype, device=device) for p in parts]
+    if layout == torch.jagged:
+        y.backward(torch.nested.nested_tensor_from_jagged(torch.cat(grad_out), y.offsets()))
+    else:
+        y.backward(torch.nested.nested_tensor(grad_out, layout=layout))
+    weights = [block.c_attn.weight, block.c_attn.bias, block.c_proj.weight]
+    got = [torch.cat(x.grad.unbind())] + [w.grad for w in weights]
+
+    # float64 on the CPU with torch's SDPA, one sequence at a time
+    w_attn, b_attn, w_proj = (w.detach().cpu().double().requires_grad_() for w in weights)
+    flat = [p.detach().cpu().double().requires_grad_() for p in parts]
+    for p, g in zip(flat, grad_out):
+        q, k, v = (p @ w_attn.T + b_attn).view(p.shape[0], 3, heads, -1).unbind(1)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        (attended.transpose(0, 1).reshape(p.shape[0], embed) @ w_proj.T).backward(g.cpu().double())
+    want = [torch.cat([p.grad for p in flat]), w_attn.grad, b_attn.grad, w_proj.grad]
+    for g, w in zip(got, want):
+        assert reference.relative_error(g, w) <= GRAD_TOLERANCE[dtype]

@@ -1,0 +1,104 @@
+"""The packed call as torch.library custom ops: autograd and torch.compile.
+
+`varattn::attention` runs the forward of the backend that dispatch picks and
+returns (out, lse); `varattn::attention_backward` runs that backend's
+backward from the saved q, k, v, out, lse, lengths and bias: memory
+O(total tokens), no scores kept. Both ops have fake implementations (shapes
+only), so torch.compile traces a model through varattn without graph breaks,
+and the gradient formula is registered on the forward op, so eager and
+compiled autograd take one path.
+
+Only calls that need a gradient, or run under torch.compile, come here:
+`dispatch.run` calls the backend directly otherwise, without the dispatcher.
+The backends allowed by `use_backends` at the forward are arguments of both
+ops, so the backward runs on the forward's backend wherever it is called.
+"""
+
+import torch
+
+from . import dispatch
+from .backends import Backend
+from .params import AttentionParams
+
+# What describes a call besides the tensors the backward gets back as saved tensors.
+_CALL = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, "
+         "Tensor? seqused_k, Tensor? attn_bias, int max_seqlen_q, int max_seqlen_k, bool causal, bool lower_right, "
+         "int window_left, int window_right, float scale, float dropout_p, bool needs_grad, bool deterministic, "
+         "str[] backends")
+_TENSORS = 8  # the leading Tensor arguments of _CALL
+
+_library = torch.library.Library("varattn", "DEF")
+_library.define(f"attention({_CALL}) -> (Tensor, Tensor)")
+_library.define(f"attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor out, Tensor lse, bool bias_grad, "
+                f"{_CALL}) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def call_args(params: AttentionParams) -> tuple:
+    """The _CALL arguments of `params`, with the backends use_backends allows now."""
+    return (params.q, params.k, params.v, params.cu_seqlens_q, params.cu_seqlens_k, params.seqused_q,
+            params.seqused_k, params.attn_bias, params.max_seqlen_q, params.max_seqlen_k, params.causal,
+            params.causal_align == "lower_right", *params.window, params.scale, params.dropout_p,
+            params.requires_grad, params.deterministic, dispatch.allowed_names())
+
+
+def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias, max_seqlen_q, max_seqlen_k,
+            causal, lower_right, window_left, window_right, scale, dropout_p, needs_grad, deterministic, backends):
+    """(AttentionParams, allowed backends) of _CALL arguments, checked when the front end built them."""
+    params = AttentionParams(
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
+        causal_align="lower_right" if lower_right else "upper_left", window=(window_left, window_right),
+        scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, return_lse=True, requires_grad=needs_grad,
+        deterministic=deterministic)
+    return params, frozenset(Backend(b) for b in backends)
+
+
+def attention(params: AttentionParams):
+    """(out, lse) of the call through the op (lse None unless params.return_lse)."""
+    out, lse = torch.ops.varattn.attention(*call_args(params))
+    return out, lse if params.return_lse else None
+
+
+@torch.library.impl(_library, "attention", "CompositeExplicitAutograd")
+def _attention(*call):
+    params, allowed = _params(*call)
+    return dispatch.select(params, allowed).forward(params)
+
+
+@torch.library.register_fake("varattn::attention")
+def _attention_fake(q, k, v, *rest):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
+
+
+@torch.library.impl(_library, "attention_backward", "CompositeExplicitAutograd")
+def _attention_backward(grad_out, grad_lse, out, lse, bias_grad, *call):
+    params, allowed = _params(*call)
+    dq, dk, dv, dbias = dispatch.select(params, allowed).backward(params, out, lse, grad_out, grad_lse, bias_grad)
+    return dq, dk, dv, params.q.new_empty(0) if dbias is None else dbias
+
+
+@torch.library.register_fake("varattn::attention_backward")
+def _attention_backward_fake(grad_out, grad_lse, out, lse, bias_grad, q, k, v, cu_q, cu_k, used_q, used_k, bias, *rest):
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSORS], *output)
+    ctx.options = inputs[_TENSORS:]
+    bias = inputs[_TENSORS - 1]
+    ctx.bias_grad = bias is not None and bias.requires_grad and bias.dtype != torch.bool
+    ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
+
+
+def _backward(ctx, grad_out, grad_lse):
+    *tensors, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dbias = torch.ops.varattn.attention_backward(grad_out, grad_lse, out, lse, ctx.bias_grad, *tensors,
+                                                              *ctx.options)
+    return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_grad else None) + (None,) * len(ctx.options)
+
+
+torch.library.register_autograd("varattn::attention", _backward, setup_context=_setup_context)
