@@ -1,7 +1,11 @@
 // flash_bwd.cu — the flash backend's backward on tensor cores (mma.sync,
 // sm80+): dQ, dK and dV from the saved LSE, probabilities recomputed.
 //
-// Per CTA = (key tile of BLOCK_N = 64 keys, key/value head, sequence), with
+// First a preprocess, flash_bwd_delta: delta = rowsum(dO * O) - dLSE per
+// query row and head (dLSE: the gradient reaching the returned lse, if any),
+// and the float32 dQ accumulator zeroed; one warp per row and head.
+//
+// Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value head, sequence), with
 // K and V resident in shared memory; for every query head of the key/value
 // head's group and every query tile of 64 rows that sees some of the keys:
 //   1. Q, dO (cp.async), lse and delta = rowsum(dO * O) -> shared memory.
@@ -39,12 +43,31 @@
 // The backward's own tensors; strides in elements.
 struct BwdParams {
     const void* dout;          // (total_q, heads, head_dim)
-    float* dq_accum;           // (total_q, heads, head_dim) float32, zeroed, contiguous
+    float* dq_accum;           // (total_q, heads, head_dim) float32, contiguous; zeroed by flash_bwd_delta
     void* dk;                  // (total_k, heads_kv, head_dim) contiguous
     void* dv;
-    const float* delta;        // (heads, total_q)
+    float* delta;              // (heads, total_q), written by flash_bwd_delta
+    const float* dlse;         // (heads, total_q) or null
     long long dout_row_stride, dout_head_stride;
 };
+
+#define DELTA_THREADS 256
+
+template <typename T>
+__global__ void __launch_bounds__(DELTA_THREADS) flash_bwd_delta(const AttnParams p, const BwdParams g) {
+    const long long task = (long long)blockIdx.x * (DELTA_THREADS / 32) + threadIdx.x / 32;  // row * heads + head
+    if (task >= p.total_q * p.heads) return;
+    const long long row = task / p.heads;
+    const int h = (int)(task % p.heads), lane = threadIdx.x % 32;
+    const T* dout = (const T*)g.dout + row * g.dout_row_stride + h * g.dout_head_stride;
+    const T* out = (const T*)p.out + row * p.out_row_stride + h * p.out_head_stride;
+    float sum = 0.f;
+    for (int d = lane; d < p.head_dim_v; d += 32) sum += to_acc(dout[d]) * to_acc(out[d]);
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    float* dq = g.dq_accum + task * p.head_dim;
+    for (int d = lane; d < p.head_dim; d += 32) dq[d] = 0.f;
+    if (lane == 0) g.delta[h * p.total_q + row] = g.dlse == nullptr ? sum : sum - g.dlse[h * p.total_q + row];
+}
 
 template <int HEAD_DIM>
 struct BwdRows {
