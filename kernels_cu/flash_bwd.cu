@@ -5,10 +5,11 @@
 // query row and head (dLSE: the gradient reaching the returned lse, if any),
 // and the float32 dQ accumulator zeroed; one warp per row and head.
 //
-// Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value head, sequence), with
-// K and V resident in shared memory; for every query head of the key/value
-// head's group and every query tile of 64 rows that sees some of the keys:
-//   1. Q, dO (cp.async), lse and delta = rowsum(dO * O) -> shared memory.
+// Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value
+// head, sequence), with K and V resident in shared memory; for every query
+// head of the key/value head's group and every query tile of 64 rows that
+// sees some of the keys:
+//   1. Q, dO (cp.async), lse and delta -> shared memory.
 //   2. Each warp owns 16 keys and works transposed, keys as rows:
 //        S^T  = K Q^T,   P^T = exp(scale S^T - lse)     (masked where hidden)
 //        dV  += P^T dO                                   (P^T from registers)
@@ -17,7 +18,13 @@
 //      so dK and dV stay in registers for the whole CTA (summed over the
 //      group's query heads: GQA needs no atomics for them).
 //   3. dS^T goes through shared memory; each warp then takes 16 query rows,
-//      dQ = scale dS K, and adds it to a float32 accumulator with atomics.
+//      dQ = scale dS K, and adds it to a float32 accumulator:
+//        sm_90: staged in the (now free) Q / dO tiles, one bulk reduction
+//               (cp.reduce.async.bulk .add.f32) per row by the copy engine;
+//        sm_80: atomicAdd per element;
+//        deterministic: the key tiles that reach a query tile add to it in
+//               key order, each waiting for its turn on a counter
+//               (plain loads and stores), so every run sums alike.
 //   4. Finally dK * scale and dV are written once.
 // Rows past a sequence's end load as zeros; their lse reads as +inf, so P = 0
 // there (as for a query that sees no key), and they are never written.
@@ -26,16 +33,17 @@
 //
 // Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
-// 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a):
-//   head_dim  32: 174 / 210     head_dim  96: 244 / 254
-//   head_dim  64: 229 / 239     head_dim 128: 255 / 255, spilling 36 / 64 bytes
+// 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a, default mode):
+//   head_dim  32: 176 / 195     head_dim  96: 247 / 255, spilling 0 / 4 bytes
+//   head_dim  64: 232 / 241     head_dim 128: 255 / 255, spilling 48 / 64 bytes
 // Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T, lse and
-// delta: 38 KB at head_dim 32, 79 KB at 128.
+// delta: 38 KB at head_dim 32, 79 KB at 128 (two CTAs per SM).
 // Element masks only on pairs of tiles that cross a mask edge (W1 10.2 ->
-// 9.3 ms). Measured (H100, bf16, head_dim 128): W1 9.3 ms, W2 5.6 ms, about
-// 100-115 TFLOP/s counting 2.5x the forward's FLOPs: correct, not yet fast
-// (one 128-thread CTA per key tile, dQ by atomics); a Hopper backward is next.
+// 9.3 ms). Measured (H100, bf16, head_dim 128, backward alone): dQ by
+// atomics W1 8.7 ms, W2 4.8 ms; by bulk reductions 5.6 / 3.1 ms (193 / 172
+// TFLOP/s counting 2.5x the forward's FLOPs; without any dQ writes 4.6 ms).
 #include "flash_common.cuh"
+#include "tma.cuh"
 
 #define BWD_THREADS 128
 #define BWD_BLOCK 64
@@ -48,7 +56,9 @@ struct BwdParams {
     void* dv;
     float* delta;              // (heads, total_q), written by flash_bwd_delta
     const float* dlse;         // (heads, total_q) or null
+    int* dq_turns;             // deterministic mode: per (head, query tile) the key tiles that added to it, zeroed
     long long dout_row_stride, dout_head_stride;
+    long long turns_per_head;  // total_q / BWD_BLOCK + batch + 1: room for every sequence's query tiles
 };
 
 #define DELTA_THREADS 256
@@ -75,7 +85,34 @@ struct BwdRows {
     static __device__ __forceinline__ int offset(int row, int chunk) { return row * PITCH * 2 + chunk * 16; }
 };
 
-template <typename T, int HEAD_DIM>
+// The query tiles [first, end) of a sequence whose rows may see keys [n0, n0 + BWD_BLOCK).
+struct QueryTiles {
+    int first, end;
+};
+
+// Whether the mask bounds key - query - diagonal from above (causal or a right window), and by what.
+__device__ __forceinline__ bool right_bound(const AttnParams& p, long long& right) {
+    right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
+    return p.causal || p.window_right >= 0;
+}
+
+__device__ __forceinline__ QueryTiles query_tiles(const AttnParams& p, int n0, int len_q, long long diagonal) {
+    long long right;
+    const bool bounded_right = right_bound(p, right);
+    long long row_begin = 0, row_end = len_q;
+    if (bounded_right) row_begin = max(row_begin, n0 - diagonal - right);
+    if (p.window_left >= 0) row_end = min(row_end, n0 + BWD_BLOCK - 1 - diagonal + p.window_left + 1);
+    const int first = (int)(row_begin / BWD_BLOCK);
+    return {first, row_end > row_begin ? (int)((row_end + BWD_BLOCK - 1) / BWD_BLOCK) : first};
+}
+
+__device__ __forceinline__ int load_acquire(const int* at) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(at) : "memory");
+    return value;
+}
+
+template <typename T, int HEAD_DIM, bool DETERMINISTIC>
 __global__ void __launch_bounds__(BWD_THREADS, 1)
 flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const BwdParams g) {
     constexpr int D_BLOCKS = HEAD_DIM / 8, N_BLOCKS = BWD_BLOCK / 8;
@@ -106,14 +143,9 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
     const int n0 = (tile - tile_offsets[pos]) * BWD_BLOCK;
     const SeqSpan queries = query_span(p, b), keys = key_span(p, b);
     const long long diagonal = p.lower_right ? (long long)keys.len - queries.len : 0;
-    // Query rows that may see keys [n0, n0 + BWD_BLOCK).
-    const bool bounded_right = p.causal || p.window_right >= 0;
-    const long long right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
-    long long row_begin = 0, row_end = queries.len;
-    if (bounded_right) row_begin = max(row_begin, n0 - diagonal - right);
-    if (p.window_left >= 0) row_end = min(row_end, n0 + BWD_BLOCK - 1 - diagonal + p.window_left + 1);
-    const int first_m = (int)(row_begin / BWD_BLOCK);
-    const int end_m = row_end > row_begin ? (int)((row_end + BWD_BLOCK - 1) / BWD_BLOCK) : first_m;
+    long long right;
+    const bool bounded_right = right_bound(p, right);
+    const QueryTiles m_tiles = query_tiles(p, n0, queries.len, diagonal);
 
     const T* k = (const T*)p.k + keys.start * p.k_row_stride + h_kv * p.k_head_stride;
     const T* v = (const T*)p.v + keys.start * p.v_row_stride + h_kv * p.v_head_stride;
@@ -152,8 +184,11 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
         const T* dout = (const T*)g.dout + queries.start * g.dout_row_stride + h * g.dout_head_stride;
         const float* lse = (const float*)p.lse + h * p.total_q + queries.start;
         const float* delta = g.delta + h * p.total_q + queries.start;
-        for (int m_tile = first_m; m_tile < end_m; ++m_tile) {
+        for (int m_tile = m_tiles.first; m_tile < m_tiles.end; ++m_tile) {
             const int m0 = m_tile * BWD_BLOCK;
+#if __CUDA_ARCH__ >= 900
+            if (!DETERMINISTIC && lane < 16) bulk_wait_read<0>();  // the previous dQ has left q_tile / do_tile
+#endif
             __syncthreads();  // every warp is done with the previous Q, dO and dS^T
             load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(q_tile, q, p.q_row_stride, m0, queries.len);
             load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(do_tile, dout, g.dout_row_stride, m0, queries.len);
@@ -243,18 +278,70 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                     mma_16x16<T>(&dq[8 * dd], ads, bk);
                 }
             }
+            float* dq_rows = g.dq_accum + ((queries.start + m0 + warp * 16) * p.heads + h) * HEAD_DIM;
+            const long long dq_row_stride = (long long)p.heads * HEAD_DIM;
+            if (DETERMINISTIC) {
+                // In key-tile order: wait for the turn of this tile among the key tiles that
+                // reach this query tile, add, pass the turn on. Earlier key tiles come earlier
+                // in the grid, so the tile waited for is running or done.
+                int* turn = g.dq_turns + h * g.turns_per_head + queries.start / BWD_BLOCK + b + m_tile;
+                int mine = 0;
+                for (int n = 0; n < n0; n += BWD_BLOCK) {
+                    const QueryTiles earlier = query_tiles(p, n, queries.len, diagonal);
+                    mine += earlier.first <= m_tile && m_tile < earlier.end;
+                }
+                if (threadIdx.x == 0) while (load_acquire(turn) != mine) {}
+                __syncthreads();
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int i = m0 + warp * 16 + lane / 4 + 8 * r;
+                    if (i >= queries.len) continue;
+                    float* row = dq_rows + (lane / 4 + 8 * r) * dq_row_stride;
+#pragma unroll
+                    for (int j = 0; j < D_BLOCKS; ++j) {
+                        float2* at = (float2*)(row + 8 * j + 2 * (lane % 4));
+                        const float2 sum = __ldcg(at);  // from L2: another SM wrote it
+                        __stcg(at, make_float2(sum.x + dq[4 * j + 2 * r] * (float)p.scale,
+                                               sum.y + dq[4 * j + 2 * r + 1] * (float)p.scale));
+                    }
+                }
+                __threadfence();
+                __syncthreads();
+                if (threadIdx.x == 0) atomicExch(turn, mine + 1);
+                continue;
+            }
+#if __CUDA_ARCH__ >= 900
+            // Stage this warp's 16 rows in the free Q / dO tiles (rows of HEAD_DIM + 8
+            // floats: conflict-free stores) and have the copy engine add each row.
+            float* staged = (float*)q_tile + warp * 16 * (HEAD_DIM + 8);
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int j = 0; j < D_BLOCKS; ++j)
+                    *(float2*)(staged + (lane / 4 + 8 * r) * (HEAD_DIM + 8) + 8 * j + 2 * (lane % 4)) =
+                        make_float2(dq[4 * j + 2 * r] * (float)p.scale, dq[4 * j + 2 * r + 1] * (float)p.scale);
+            fence_shared_for_async_proxy();
+            __syncwarp();
+            if (lane < 16 && m0 + warp * 16 + lane < queries.len)
+                bulk_reduce_add_f32(dq_rows + lane * dq_row_stride, smem_address(staged + lane * (HEAD_DIM + 8)),
+                                    HEAD_DIM * 4);
+#else
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int i = m0 + warp * 16 + lane / 4 + 8 * r;
                 if (i >= queries.len) continue;
-                float* row = g.dq_accum + ((queries.start + i) * p.heads + h) * HEAD_DIM;
+                float* row = dq_rows + (lane / 4 + 8 * r) * dq_row_stride;
 #pragma unroll
                 for (int j = 0; j < D_BLOCKS; ++j)
 #pragma unroll
                     for (int c = 0; c < 2; ++c) atomicAdd(row + 8 * j + 2 * (lane % 4) + c, dq[4 * j + 2 * r + c] * (float)p.scale);
             }
+#endif
         }
     }
+#if __CUDA_ARCH__ >= 900
+    if (!DETERMINISTIC && lane < 16) bulk_wait_read<0>();  // shared memory must outlive the copies' reads
+#endif
 
     // dK * scale and dV for this warp's keys, once.
 #pragma unroll

@@ -10,7 +10,7 @@ from torch import nn
 
 import varattn
 
-VOCAB, EMBED, HEADS, LAYERS = 32, 64, 4, 2
+VOCAB, EMBED, HEADS, LAYERS = 32, 128, 4, 2  # head_dim 32: the flash backend on a GPU
 
 
 class Block(nn.Module):

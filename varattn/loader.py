@@ -15,6 +15,7 @@ import functools
 import logging
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,7 @@ def int64(x: int) -> bytes:
 
 
 _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
+_thread = threading.local()
 
 
 def current_stream(kernel_: Kernel) -> int:
@@ -193,6 +195,11 @@ def launch(kernel_: Kernel, grid, block, args: Args, shared_mem: int = 0, stream
     if stream is None:
         stream = current_stream(kernel_)
     if cupy.cuda.runtime.getDevice() == kernel_.device_index:
+        if getattr(_thread, "context_of", None) != kernel_.device_index:
+            # The driver needs the device's context current on this thread; a thread
+            # that made no runtime call yet (autograd's backward threads) has none.
+            cupy.cuda.runtime.setDevice(kernel_.device_index)
+            _thread.context_of = kernel_.device_index
         cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
                                       ctypes.addressof(args.pointers), 0)
     else:

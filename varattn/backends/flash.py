@@ -91,8 +91,6 @@ def reasons(params) -> list[str]:
     if params.requires_grad:
         if params.head_dim not in BACKWARD_HEAD_DIMS:
             found.append(f"the backward takes head_dim in {BACKWARD_HEAD_DIMS}, got {params.head_dim}")
-        if params.deterministic:
-            found.append("the backward adds dQ with atomics: not deterministic")
     if params.device.type != "cuda":
         return found
     missing = loader.cupy_missing_reason()
@@ -169,8 +167,9 @@ def forward(params):
 # The backward (kernels_cu/flash_bwd.cu): mma.sync, 64 x 64 tiles, head dims up to 128.
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BACKWARD_BLOCK, BACKWARD_THREADS, DELTA_THREADS = 64, 128, 256
-_BACKWARD_ARGS = struct.Struct("<QQQQQQqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
-loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}>" for t in STORAGE_TYPES.values() for d in BACKWARD_HEAD_DIMS]
+_BACKWARD_ARGS = struct.Struct("<QQQQQQQqqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
+loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).lower()}>" for t in STORAGE_TYPES.values()
+                                     for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
                        + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
 
@@ -203,13 +202,16 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     dtype, shared_mem = STORAGE_TYPES[params.dtype], backward_shared_mem(params.head_dim)
     delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{dtype}>", device)
     plan_kernel = loader.kernel("flash_bwd", f"flash_plan<{BACKWARD_BLOCK}, true>", device)
-    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{dtype}, {params.head_dim}>", device,
-                               dynamic_shared_mem=shared_mem)
+    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{dtype}, {params.head_dim}, {str(params.deterministic).lower()}>",
+                               device, dynamic_shared_mem=shared_mem)
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
     packed = kernel_params.pack(params, out, lse)
     plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
+    turns_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
+    turns = torch.zeros(params.num_heads * turns_per_head if params.deterministic else 0, dtype=torch.int32, device=device)
     grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                                0 if grad_lse is None else grad_lse.data_ptr(), grad_out.stride(0), grad_out.stride(1))
+                                0 if grad_lse is None else grad_lse.data_ptr(), turns.data_ptr(), grad_out.stride(0),
+                                grad_out.stride(1), turns_per_head)
     stream = loader.current_stream(bwd_kernel)
     rows_per_block = DELTA_THREADS // 32
     loader.launch(delta_kernel, (-(-params.total_q * params.num_heads // rows_per_block),), (DELTA_THREADS,),
