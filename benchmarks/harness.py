@@ -1,7 +1,10 @@
 """How every suite times its comparators: the device synchronised inside the
 timed call, warm-up outside it (compiles, then a quarter of the budget so that
 clocks settle), rounds sized to a time budget, and
-TFLOP/s (TB/s for decode) recorded in extra_info."""
+TFLOP/s (TB/s for decode) recorded in extra_info.
+
+Training suites time forward + backward (autograd from q, k, v to a random
+output gradient) and count the backward as 2.5x the forward's FLOPs."""
 from __future__ import annotations
 
 import time
@@ -15,6 +18,9 @@ from workloads import SMOKE, WORKLOADS, Inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-nested", "torch-padded", "flex"]
+# Forward + backward: the math backend and padded torch SDPA would take seconds per call there.
+TRAINING_COMPARATORS = ["varattn-flash", "torch-nested", "flex"]
+BACKWARD_FLOPS = 2.5  # times the forward's
 
 
 def inputs_for(name: str) -> Inputs:
@@ -73,11 +79,45 @@ def comparator(inputs, name):
     raise ValueError(name)
 
 
-def measure(benchmark, inputs, name, budget_s=1.0):
+def _with_grad(tensors):
+    return [x.detach().clone().requires_grad_() for x in tensors]
+
+
+def training_comparator(inputs, name):
+    """The callable running forward + backward for comparator `name` (or pytest.skip)."""
+    w = inputs.workload
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(inputs.q.shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
+    if name == "varattn-flash":
+        q, k, v = _with_grad((inputs.q, inputs.k, inputs.v))
+        args = (q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
+        chosen = varattn.explain(*args, causal=w.causal).chosen
+        if chosen != varattn.Backend.FLASH:
+            pytest.skip(f"flash cannot train on {w.name}")
+        return lambda: varattn.varlen_attention(*args, causal=w.causal).backward(grad_out)
+    if name == "torch-nested":
+        values = _with_grad((inputs.q, inputs.k, inputs.v))
+        offsets = [inputs.cu_q.long(), inputs.cu_k.long(), inputs.cu_k.long()]
+        longest = [inputs.max_q, inputs.max_k, inputs.max_k]
+        q, k, v = (torch.nested.nested_tensor_from_jagged(x, o, max_seqlen=m).transpose(1, 2)
+                   for x, o, m in zip(values, offsets, longest))
+        grad = torch.nested.nested_tensor_from_jagged(grad_out, offsets[0], max_seqlen=inputs.max_q).transpose(1, 2)
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal).backward(grad)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        *tensors, block_mask = inputs.flex()
+        q, k, v = _with_grad(tensors)
+        grad = grad_out.transpose(0, 1)[None]
+        compiled = torch.compile(flex_attention) if DEVICE.type == "cuda" else flex_attention
+        return lambda: compiled(q, k, v, block_mask=block_mask).backward(grad)
+    raise ValueError(name)
+
+
+def measure(benchmark, inputs, name, budget_s=1.0, training=False):
     """Time `name` on `inputs` with pytest-benchmark and record its rate."""
     w = inputs.workload
     try:
-        fn = _synchronised(comparator(inputs, name))
+        fn = _synchronised((training_comparator if training else comparator)(inputs, name))
         fn()  # kernel compiles, torch.compile
     except pytest.skip.Exception:
         raise
@@ -97,19 +137,21 @@ def measure(benchmark, inputs, name, budget_s=1.0):
     if w.decode:
         benchmark.extra_info["tbps"] = w.bytes_moved / median / 1e12
     else:
-        benchmark.extra_info["tflops"] = w.flops / median / 1e12
+        benchmark.extra_info["tflops"] = w.flops * ((1 + BACKWARD_FLOPS) if training else 1) / median / 1e12
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def suite(name):
-    """The parametrised benchmark of workload `name` over every comparator, for a test module."""
+def suite(name, training=False):
+    """The parametrised benchmark of workload `name` over every comparator (forward, or
+    forward + backward when `training`), for a test module."""
     inputs_cache = {}
+    group = WORKLOADS[name].group + (", fwd+bwd" if training else "")
 
-    @pytest.mark.benchmark(group=WORKLOADS[name].group)
-    @pytest.mark.parametrize("impl", COMPARATORS)
+    @pytest.mark.benchmark(group=group)
+    @pytest.mark.parametrize("impl", TRAINING_COMPARATORS if training else COMPARATORS)
     def test(benchmark, impl):
         if "inputs" not in inputs_cache:
             inputs_cache["inputs"] = inputs_for(name)
-        measure(benchmark, inputs_cache["inputs"], impl)
+        measure(benchmark, inputs_cache["inputs"], impl, training=training)
     return test
