@@ -73,7 +73,7 @@ __device__ RowTask locate_row(const AttnParams& p, long long row_begin) {
     t.row = row_begin + blockIdx.x;
     t.h = blockIdx.y;
     t.h_kv = t.h / (p.heads / p.heads_kv);
-    t.b = sequence_of_row(p, t.row);
+    t.b = sequence_of(p.cu_seqlens_q, p.batch, t.row);
     if (t.b < 0) return t;
     const SeqSpan queries = query_span(p, t.b);
     if (t.row - queries.start >= queries.len) { t.b = -1; return t; }
@@ -81,6 +81,26 @@ __device__ RowTask locate_row(const AttnParams& p, long long row_begin) {
     t.len_q = queries.len;
     t.keys = key_span(p, t.b);
     return t;
+}
+
+// The scaled, biased score of query i and key j of sequence b for head h, or
+// -inf where hidden: the warp's dot product of one of them staged in shared
+// memory (`staged`, accumulation type) and the other in global memory.
+// Every lane gets it; whether it is hidden is uniform across the warp.
+template <typename T, typename Acc>
+__device__ Acc warp_score(const AttnParams& p, int b, int h, int i, int j, int len_q, int len_k, const Acc* staged,
+                          const T* other) {
+    bool keep = key_visible(p, i, j, len_q, len_k);
+    Acc bias = 0;
+    if (keep && p.bias_kind != BIAS_NONE) {
+        const long long at = b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride + j * p.bias_col_stride;
+        if (p.bias_kind == BIAS_BOOL) keep = ((const unsigned char*)p.bias)[at] != 0;
+        else bias = to_acc(((const T*)p.bias)[at]);
+    }
+    if (!keep) return neg_inf<Acc>();
+    Acc dot = 0;
+    for (int d = threadIdx.x % 32; d < p.head_dim; d += 32) dot += staged[d] * to_acc(other[d]);
+    return warp_sum(dot) * (Acc)p.scale + bias;
 }
 
 template <typename Acc>
@@ -100,24 +120,10 @@ __global__ void __launch_bounds__(THREADS) math_scores(const AttnParams p, long 
     __syncthreads();
 
     Acc* s = score_row(p, scores, t);
-    const int lane = threadIdx.x % 32;
     for (int j = threadIdx.x / 32; j < t.keys.len; j += WARPS) {
-        bool keep = key_visible(p, t.i, j, t.len_q, t.keys.len);
-        Acc bias = 0;
-        if (keep && p.bias_kind != BIAS_NONE) {
-            const long long at = t.b * p.bias_batch_stride + t.h * p.bias_head_stride
-                               + t.i * p.bias_row_stride + j * p.bias_col_stride;
-            if (p.bias_kind == BIAS_BOOL) keep = ((const unsigned char*)p.bias)[at] != 0;
-            else bias = to_acc(((const T*)p.bias)[at]);
-        }
-        Acc score = neg_inf<Acc>();
-        if (keep) {  // uniform across the warp: it depends on j only
-            const T* k = (const T*)p.k + (t.keys.start + j) * p.k_row_stride + t.h_kv * p.k_head_stride;
-            Acc dot = 0;
-            for (int d = lane; d < p.head_dim; d += 32) dot += q_row[d] * to_acc(k[d]);
-            score = warp_sum(dot) * (Acc)p.scale + bias;
-        }
-        if (lane == 0) s[j] = score;
+        const T* k = (const T*)p.k + (t.keys.start + j) * p.k_row_stride + t.h_kv * p.k_head_stride;
+        const Acc score = warp_score(p, t.b, t.h, t.i, j, t.len_q, t.keys.len, q_row, k);
+        if (threadIdx.x % 32 == 0) s[j] = score;
     }
 }
 
@@ -167,4 +173,144 @@ __global__ void __launch_bounds__(THREADS) math_weighted_sum(const AttnParams p,
         }
         out[d] = from_acc<T>(acc);
     }
+}
+
+// ---------------------------------------------------------------------------
+// The backward, from the forward's out and lse. Probabilities are recomputed
+// (P = exp(S - lse)), so no scores are kept; two launches over all rows, each
+// output element written by one block and summed in a fixed order: the same
+// bits on every run, no atomics.
+//   math_grad_q:  one block per (query row, head): delta = dO . O - dLSE (kept
+//                 for math_grad_kv), then warps over keys: dP_j = dO . v_j,
+//                 dS_j = P_j (dP_j - delta), dQ += dS_j k_j (per-warp sums in
+//                 registers, lanes splitting head_dim, added warp by warp),
+//                 and dS_j into dbias[b, h, i, j] when the bias needs a gradient.
+//   math_grad_kv: one block per (key row, key/value head): warps over the
+//                 (query row, query head of the group) pairs of its sequence,
+//                 dV += P dO_i, dK += dS q_i, reduced the same way.
+// Rows outside every sequence are left as the host zeroed them.
+
+struct MathGrads {
+    const void* dout;           // (total_q, heads, head_dim_v), strides below
+    const void* dlse;           // (heads, total_q) accumulation type, or null
+    void* dq;                   // (total_q, heads, head_dim) contiguous, zeroed
+    void* dk;                   // (total_k, heads_kv, head_dim) contiguous, zeroed
+    void* dv;                   // (total_k, heads_kv, head_dim_v) contiguous, zeroed
+    void* dbias;                // (batch, heads, Mq, Mk) contiguous, zeroed, or null
+    void* delta;                // (heads, total_q) accumulation type, written by math_grad_q
+    long long dout_row_stride, dout_head_stride;
+    long long dbias_row_stride;  // Mk; the head stride is Mq * Mk
+    long long dbias_head_stride;
+};
+
+#define SLICES (MAX_HEAD_DIM / 32)  // head_dim elements per lane
+
+// Add the warps' partial sums (WARPS x width, in shared memory) in warp order and store them scaled.
+template <typename T, typename Acc>
+__device__ void store_warp_sums(const Acc (*partial)[MAX_HEAD_DIM], int width, Acc scale, T* destination) {
+    __syncthreads();
+    for (int d = threadIdx.x; d < width; d += THREADS) {
+        Acc total = 0;
+        for (int w = 0; w < WARPS; ++w) total += partial[w][d];
+        destination[d] = from_acc<T>(total * scale);
+    }
+}
+
+// Stage `width` elements of a global row in shared memory in the accumulation type.
+template <typename T, typename Acc>
+__device__ __forceinline__ void stage_row(Acc* staged, const T* row, int width) {
+    for (int d = threadIdx.x; d < width; d += THREADS) staged[d] = to_acc(row[d]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) math_grad_q(const AttnParams p, const MathGrads g) {
+    using Acc = acc_t<T>;
+    const RowTask t = locate_row(p, 0);
+    if (t.b < 0) return;
+    __shared__ Acc q_row[MAX_HEAD_DIM], do_row[MAX_HEAD_DIM];
+    __shared__ Acc partial[WARPS][MAX_HEAD_DIM];
+    const T* dout = (const T*)g.dout + t.row * g.dout_row_stride + t.h * g.dout_head_stride;
+    const T* out = (const T*)p.out + t.row * p.out_row_stride + t.h * p.out_head_stride;
+    stage_row(q_row, (const T*)p.q + t.row * p.q_row_stride + t.h * p.q_head_stride, p.head_dim);
+    stage_row(do_row, dout, p.head_dim_v);
+    Acc dot = 0;
+    for (int d = threadIdx.x; d < p.head_dim_v; d += THREADS) dot += to_acc(dout[d]) * to_acc(out[d]);
+    const long long at = (long long)t.h * p.total_q + t.row;
+    const Acc delta = block_reduce<Acc, false>(dot) - (g.dlse != nullptr ? ((const Acc*)g.dlse)[at] : Acc(0));
+    if (threadIdx.x == 0) ((Acc*)g.delta)[at] = delta;
+    const Acc lse = ((const Acc*)p.lse)[at];
+    if (lse == neg_inf<Acc>()) return;  // sees no key: zero gradients
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    Acc dq[SLICES];
+#pragma unroll
+    for (int e = 0; e < SLICES; ++e) dq[e] = 0;
+    for (int j = warp; j < t.keys.len; j += WARPS) {
+        const T* k = (const T*)p.k + (t.keys.start + j) * p.k_row_stride + t.h_kv * p.k_head_stride;
+        const Acc score = warp_score(p, t.b, t.h, t.i, j, t.len_q, t.keys.len, q_row, k);
+        if (score == neg_inf<Acc>()) continue;
+        const T* v = (const T*)p.v + (t.keys.start + j) * p.v_row_stride + t.h_kv * p.v_head_stride;
+        Acc dp = 0;
+        for (int d = lane; d < p.head_dim_v; d += 32) dp += do_row[d] * to_acc(v[d]);
+        const Acc ds = acc_exp(score - lse) * (warp_sum(dp) - delta);
+#pragma unroll
+        for (int e = 0; e < SLICES; ++e)
+            if (lane + 32 * e < p.head_dim) dq[e] += ds * to_acc(k[lane + 32 * e]);
+        if (g.dbias != nullptr && lane == 0)
+            ((T*)g.dbias)[t.b * p.heads * g.dbias_head_stride + t.h * g.dbias_head_stride + t.i * g.dbias_row_stride + j] =
+                from_acc<T>(ds);
+    }
+#pragma unroll
+    for (int e = 0; e < SLICES; ++e)
+        if (lane + 32 * e < p.head_dim) partial[warp][lane + 32 * e] = dq[e];
+    store_warp_sums(partial, p.head_dim, (Acc)p.scale, (T*)g.dq + (t.row * p.heads + t.h) * p.head_dim);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS) math_grad_kv(const AttnParams p, const MathGrads g) {
+    using Acc = acc_t<T>;
+    const long long row = blockIdx.x;
+    const int h_kv = blockIdx.y, group = p.heads / p.heads_kv;
+    const int b = sequence_of(p.cu_seqlens_k, p.batch, row);
+    if (b < 0) return;
+    const SeqSpan keys = key_span(p, b), queries = query_span(p, b);
+    const int j = (int)(row - keys.start);
+    if (j >= keys.len) return;
+    __shared__ Acc k_row[MAX_HEAD_DIM], v_row[MAX_HEAD_DIM];
+    __shared__ Acc dk_partial[WARPS][MAX_HEAD_DIM], dv_partial[WARPS][MAX_HEAD_DIM];
+    stage_row(k_row, (const T*)p.k + row * p.k_row_stride + h_kv * p.k_head_stride, p.head_dim);
+    stage_row(v_row, (const T*)p.v + row * p.v_row_stride + h_kv * p.v_head_stride, p.head_dim_v);
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    Acc dk[SLICES], dv[SLICES];
+#pragma unroll
+    for (int e = 0; e < SLICES; ++e) dk[e] = dv[e] = 0;
+    for (long long pair = warp; pair < (long long)queries.len * group; pair += WARPS) {
+        const int i = (int)(pair / group), h = h_kv * group + (int)(pair % group);
+        const long long q_row = queries.start + i;
+        const T* q = (const T*)p.q + q_row * p.q_row_stride + h * p.q_head_stride;
+        const Acc score = warp_score(p, b, h, i, j, queries.len, keys.len, k_row, q);
+        const Acc lse = ((const Acc*)p.lse)[(long long)h * p.total_q + q_row];
+        if (score == neg_inf<Acc>() || lse == neg_inf<Acc>()) continue;
+        const T* dout = (const T*)g.dout + q_row * g.dout_row_stride + h * g.dout_head_stride;
+        Acc dp = 0;
+        for (int d = lane; d < p.head_dim_v; d += 32) dp += v_row[d] * to_acc(dout[d]);
+        const Acc prob = acc_exp(score - lse);
+        const Acc ds = prob * (warp_sum(dp) - ((const Acc*)g.delta)[(long long)h * p.total_q + q_row]);
+#pragma unroll
+        for (int e = 0; e < SLICES; ++e) {
+            const int d = lane + 32 * e;
+            if (d < p.head_dim) dk[e] += ds * to_acc(q[d]);
+            if (d < p.head_dim_v) dv[e] += prob * to_acc(dout[d]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < SLICES; ++e) {
+        const int d = lane + 32 * e;
+        if (d < p.head_dim) dk_partial[warp][d] = dk[e];
+        if (d < p.head_dim_v) dv_partial[warp][d] = dv[e];
+    }
+    store_warp_sums(dk_partial, p.head_dim, (Acc)p.scale, (T*)g.dk + (row * p.heads_kv + h_kv) * p.head_dim);
+    store_warp_sums(dv_partial, p.head_dim_v, Acc(1), (T*)g.dv + (row * p.heads_kv + h_kv) * p.head_dim_v);
 }

@@ -26,15 +26,15 @@ __device__ __forceinline__ SeqSpan key_span(const AttnParams& p, int b) {
     return seq_span(p.cu_seqlens_k, p.seqused_k, b, p.total_k, p.max_seqlen_k);
 }
 
-// The sequence whose slot [cu[b], cu[b+1]) holds query row `row`, or -1.
-__device__ __forceinline__ int sequence_of_row(const AttnParams& p, long long row) {
-    int lo = 0, hi = p.batch;  // answer in [lo, hi)
-    if (hi <= 0 || row < p.cu_seqlens_q[0]) return -1;
+// The sequence whose slot [cu[b], cu[b+1]) holds row `row`, or -1.
+__device__ __forceinline__ int sequence_of(const int* cu_seqlens, int batch, long long row) {
+    int lo = 0, hi = batch;  // answer in [lo, hi)
+    if (hi <= 0 || row < cu_seqlens[0]) return -1;
     while (hi - lo > 1) {
         int mid = (lo + hi) / 2;
-        if (p.cu_seqlens_q[mid] <= row) lo = mid; else hi = mid;
+        if (cu_seqlens[mid] <= row) lo = mid; else hi = mid;
     }
-    return row < p.cu_seqlens_q[lo + 1] ? lo : -1;
+    return row < cu_seqlens[lo + 1] ? lo : -1;
 }
 
 // Causal and window masks, both measured from one diagonal: key j is on the
