@@ -3,7 +3,9 @@
 A backend is a module with `CAPABILITIES`, `reasons(params) -> list[str]`
 (empty when it can run the call), `forward(params) -> (out, lse)` and
 `prepare(params)`, a callable that runs the call into a given output buffer
-(`out -> (out, lse)`), for front ends that repeat a call. The ones
+(`out -> (out, lse)`), for front ends that repeat a call, and
+`backward(params, out, lse, grad_out, grad_lse, bias_grad) -> (dq, dk, dv,
+dbias or None)` when its CAPABILITIES say `backward`. The ones
 not built yet are listed with `None` so that `explain()` can say so.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The flash backend: the tensor-core forward, fp16 and bf16.
+"""The flash backend: tensor-core forward and backward, fp16 and bf16.
 
-kernels_cu/flash_fwd_hopper.cu (wgmma) on Hopper for head dims 64, 128 and
-256; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ for the rest.
+Forward: kernels_cu/flash_fwd_hopper.cu (wgmma) on Hopper for head dims 64,
+128 and 256; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ for the rest.
+Backward: kernels_cu/flash_bwd.cu (mma.sync), head dims 32 to 128.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
-LSE, head dims 32 to 256; no bias, no dropout, no backward yet.
+LSE, head dims 32 to 256; no bias, no dropout.
 """
 from __future__ import annotations
 

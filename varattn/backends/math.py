@@ -1,6 +1,7 @@
 """The math backend: the reference and the fallback, on CPU (torch ops) and CUDA (kernels_cu/math.cu).
 
-It takes every dtype including fp64 and every feature the packed form has;
+It takes every dtype including fp64 and every feature the packed form has,
+forward and backward (deterministic: no atomics);
 it materialises scores for a chunk of query rows at a time within
 WORKSPACE_BYTES, so memory stays bounded whatever the batch.
 """
