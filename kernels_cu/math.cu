@@ -20,6 +20,11 @@
 //
 // Accumulation is fp32 for fp16/bf16/fp32 storage and fp64 for fp64. A query
 // row that sees no key gets probabilities 0, output 0 and lse -inf, never NaN.
+//
+// The backward (math_grad_q, math_grad_kv, after the forward, with notes on
+// their thread mapping) keeps no scores either: it recomputes P = exp(S - lse) from the
+// forward's lse, once per (query row, head) block for dQ and dbias and once
+// per (key row, kv head) block for dK and dV, each sum in a fixed order.
 #include "attn_params.cuh"
 #include "dtypes.cuh"
 #include "varlen.cuh"

@@ -13,6 +13,7 @@ THREADS = 128  # kernels_cu/math.cu: THREADS
 
 BACKWARD_KERNELS = ("math_grad_q", "math_grad_kv")
 _GRADS = struct.Struct("<QQQQQQQqqqq")  # kernels_cu/math.cu: struct MathGrads
+_MAX_GRID_X = 2**31 - 1
 
 loader.register_family("math", [f"{k}<{t}>" for k in KERNELS + BACKWARD_KERNELS for t in STORAGE_TYPES.values()])
 
@@ -43,7 +44,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool):
     dbias = None
     if bias_grad and params.bias_kind == "additive":
         dbias = torch.zeros(params.attn_bias.shape, dtype=params.dtype, device=params.device)
-    if params.total_q == 0 or params.total_k == 0 or params.batch_size == 0:
+    if params.total_q == 0 or params.total_k == 0 or params.batch_size == 0 or params.num_heads == 0:
         return dq, dk, dv, dbias
     delta = torch.empty(params.num_heads, params.total_q, dtype=params.lse_dtype, device=params.device)
     if grad_lse is not None:
@@ -55,6 +56,8 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool):
     args = loader.Args(kernel_params.pack(params, out, lse), grads)
     grad_q, grad_kv = (loader.kernel("math", f"{name}<{STORAGE_TYPES[params.dtype]}>", params.device)
                        for name in BACKWARD_KERNELS)
-    loader.launch(grad_q, (params.total_q, params.num_heads), (THREADS,), args)
-    loader.launch(grad_kv, (params.total_k, params.num_heads_kv), (THREADS,), args)
+    # A block per row: rows from 2**31 - 1 on (the grid's limit) lie past every int32 cu_seqlens, so in no
+    # sequence, and keep their zeros.
+    loader.launch(grad_q, (min(params.total_q, _MAX_GRID_X), params.num_heads), (THREADS,), args)
+    loader.launch(grad_kv, (min(params.total_k, _MAX_GRID_X), params.num_heads_kv), (THREADS,), args)
     return dq, dk, dv, dbias
