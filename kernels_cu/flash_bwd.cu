@@ -35,7 +35,7 @@
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
 // 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a, default mode):
 //   head_dim  32: 176 / 195     head_dim  96: 247 / 255, spilling 0 / 4 bytes
-//   head_dim  64: 232 / 241     head_dim 128: 255 / 255, spilling 48 / 64 bytes
+//   head_dim  64: 232 / 241     head_dim 128: 255 / 255, spilling 40 / 64 bytes
 // Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T, lse and
 // delta: 38 KB at head_dim 32, 79 KB at 128 (two CTAs per SM).
 // Element masks only on pairs of tiles that cross a mask edge (W1 10.2 ->
@@ -110,6 +110,22 @@ __device__ __forceinline__ int load_acquire(const int* at) {
     int value;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(at) : "memory");
     return value;
+}
+
+// Hand each pair of this thread's dQ elements (a warp's 16 rows x head_dim,
+// mma layout), scaled, to add(address, x, y), in the first `rows` rows.
+template <int D_BLOCKS, typename Add>
+__device__ __forceinline__ void add_dq(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride, int rows,
+                                       float scale, Add add) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = lane / 4 + 8 * r;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j)
+            add(dq_rows + row * row_stride + 8 * j + 2 * (lane % 4), dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+    }
 }
 
 template <typename T, int HEAD_DIM, bool DETERMINISTIC>
@@ -292,19 +308,11 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 }
                 if (threadIdx.x == 0) while (load_acquire(turn) != mine) {}
                 __syncthreads();
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int i = m0 + warp * 16 + lane / 4 + 8 * r;
-                    if (i >= queries.len) continue;
-                    float* row = dq_rows + (lane / 4 + 8 * r) * dq_row_stride;
-#pragma unroll
-                    for (int j = 0; j < D_BLOCKS; ++j) {
-                        float2* at = (float2*)(row + 8 * j + 2 * (lane % 4));
-                        const float2 sum = __ldcg(at);  // from L2: another SM wrote it
-                        __stcg(at, make_float2(sum.x + dq[4 * j + 2 * r] * (float)p.scale,
-                                               sum.y + dq[4 * j + 2 * r + 1] * (float)p.scale));
-                    }
-                }
+                add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), (float)p.scale,
+                                 [](float* at, float x, float y) {
+                                     const float2 sum = __ldcg((float2*)at);  // from L2: another SM wrote it
+                                     __stcg((float2*)at, make_float2(sum.x + x, sum.y + y));
+                                 });
                 __threadfence();
                 __syncthreads();
                 if (threadIdx.x == 0) atomicExch(turn, mine + 1);
@@ -326,16 +334,8 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 bulk_reduce_add_f32(dq_rows + lane * dq_row_stride, smem_address(staged + lane * (HEAD_DIM + 8)),
                                     HEAD_DIM * 4);
 #else
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int i = m0 + warp * 16 + lane / 4 + 8 * r;
-                if (i >= queries.len) continue;
-                float* row = dq_rows + (lane / 4 + 8 * r) * dq_row_stride;
-#pragma unroll
-                for (int j = 0; j < D_BLOCKS; ++j)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) atomicAdd(row + 8 * j + 2 * (lane % 4) + c, dq[4 * j + 2 * r + c] * (float)p.scale);
-            }
+            add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), (float)p.scale,
+                             [](float* at, float x, float y) { atomicAdd(at, x); atomicAdd(at + 1, y); });
 #endif
         }
     }

@@ -209,9 +209,11 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     packed = kernel_params.pack(params, out, lse)
     plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
     turns_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
-    turns = torch.zeros(params.num_heads * turns_per_head if params.deterministic else 0, dtype=torch.int32, device=device)
+    turns = (torch.zeros(params.num_heads * turns_per_head, dtype=torch.int32, device=device)
+             if params.deterministic else None)
     grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                                0 if grad_lse is None else grad_lse.data_ptr(), turns.data_ptr(), grad_out.stride(0),
+                                0 if grad_lse is None else grad_lse.data_ptr(), 0 if turns is None else turns.data_ptr(),
+                                grad_out.stride(0),
                                 grad_out.stride(1), turns_per_head)
     stream = loader.current_stream(bwd_kernel)
     rows_per_block = DELTA_THREADS // 32
