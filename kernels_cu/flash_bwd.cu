@@ -42,24 +42,11 @@
 // 9.3 ms). Measured (H100, bf16, head_dim 128, backward alone): dQ by
 // atomics W1 8.7 ms, W2 4.8 ms; by bulk reductions 5.6 / 3.1 ms (193 / 172
 // TFLOP/s counting 2.5x the forward's FLOPs; without any dQ writes 4.6 ms).
-#include "flash_common.cuh"
+#include "flash_bwd_common.cuh"
 #include "tma.cuh"
 
 #define BWD_THREADS 128
 #define BWD_BLOCK 64
-
-// The backward's own tensors; strides in elements.
-struct BwdParams {
-    const void* dout;          // (total_q, heads, head_dim)
-    float* dq_accum;           // (total_q, heads, head_dim) float32, contiguous; zeroed by flash_bwd_delta
-    void* dk;                  // (total_k, heads_kv, head_dim) contiguous
-    void* dv;
-    float* delta;              // (heads, total_q), written by flash_bwd_delta
-    const float* dlse;         // (heads, total_q) or null
-    int* dq_turns;             // deterministic mode: per (head, query tile) the key tiles that added to it, zeroed
-    long long dout_row_stride, dout_head_stride;
-    long long turns_per_head;  // total_q / BWD_BLOCK + batch + 1: room for every sequence's query tiles
-};
 
 #define DELTA_THREADS 256
 
@@ -84,27 +71,6 @@ struct BwdRows {
     static constexpr int PITCH = HEAD_DIM + 8;  // elements: ldmatrix rows in distinct banks
     static __device__ __forceinline__ int offset(int row, int chunk) { return row * PITCH * 2 + chunk * 16; }
 };
-
-// The query tiles [first, end) of a sequence whose rows may see keys [n0, n0 + BWD_BLOCK).
-struct QueryTiles {
-    int first, end;
-};
-
-// Whether the mask bounds key - query - diagonal from above (causal or a right window), and by what.
-__device__ __forceinline__ bool right_bound(const AttnParams& p, long long& right) {
-    right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
-    return p.causal || p.window_right >= 0;
-}
-
-__device__ __forceinline__ QueryTiles query_tiles(const AttnParams& p, int n0, int len_q, long long diagonal) {
-    long long right;
-    const bool bounded_right = right_bound(p, right);
-    long long row_begin = 0, row_end = len_q;
-    if (bounded_right) row_begin = max(row_begin, n0 - diagonal - right);
-    if (p.window_left >= 0) row_end = min(row_end, n0 + BWD_BLOCK - 1 - diagonal + p.window_left + 1);
-    const int first = (int)(row_begin / BWD_BLOCK);
-    return {first, row_end > row_begin ? (int)((row_end + BWD_BLOCK - 1) / BWD_BLOCK) : first};
-}
 
 __device__ __forceinline__ int load_acquire(const int* at) {
     int value;
@@ -146,22 +112,11 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
     float* lse_tile = (float*)(ds_tile + BWD_BLOCK * DS_ROW_BYTES);    // log2-scaled
     float* delta_tile = lse_tile + BWD_BLOCK;
 
-    // Which key tile: flash_plan laid the sequences' key tiles out in order.
-    const int h_kv = blockIdx.x % p.heads_kv;
-    const int tile = blockIdx.x / p.heads_kv;
-    if (tile >= tile_offsets[p.batch]) return;
-    int pos = 0;
-    for (int hi = p.batch; hi - pos > 1;) {
-        const int mid = (pos + hi) / 2;
-        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
-    }
-    const int b = order[pos];
-    const int n0 = (tile - tile_offsets[pos]) * BWD_BLOCK;
-    const SeqSpan queries = query_span(p, b), keys = key_span(p, b);
-    const long long diagonal = p.lower_right ? (long long)keys.len - queries.len : 0;
-    long long right;
-    const bool bounded_right = right_bound(p, right);
-    const QueryTiles m_tiles = query_tiles(p, n0, queries.len, diagonal);
+    KeyTile t;
+    if (!locate_key_tile<BWD_BLOCK>(p, order, tile_offsets, t)) return;
+    const int b = t.b, h_kv = t.h_kv, n0 = t.n0;
+    const SeqSpan queries = t.queries, keys = t.keys;
+    const QueryTiles m_tiles = query_tiles<BWD_BLOCK, BWD_BLOCK>(p, n0, queries.len, t.diagonal);
 
     const T* k = (const T*)p.k + keys.start * p.k_row_stride + h_kv * p.k_head_stride;
     const T* v = (const T*)p.v + keys.start * p.v_row_stride + h_kv * p.v_head_stride;
@@ -240,17 +195,14 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
             // P^T and dS^T in place; masked elements become 0. Element masks
             // only where the pair of tiles crosses a mask edge or the keys' end
             // (query rows past the end have P = 0 through their lse).
-            const bool crosses = n0 + BWD_BLOCK > keys.len ||
-                (bounded_right && n0 + BWD_BLOCK - 1 - m0 - diagonal > right) ||
-                (p.window_left >= 0 && n0 - (m0 + BWD_BLOCK - 1) - diagonal < -(long long)p.window_left);
+            const bool crosses = pair_crosses_edge<BWD_BLOCK, BWD_BLOCK>(p, t, n0, m0);
 #pragma unroll
             for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = n0 + key_row + 8 * (e / 2), query = m0 + 8 * j + 2 * (lane % 4) + e % 2;
                     const int c = 8 * j + 2 * (lane % 4) + e % 2;
-                    const bool visible = !crosses || (key < keys.len && query < queries.len &&
-                                                      key_visible(p, query, key, queries.len, keys.len));
+                    const bool visible = !crosses || pair_visible(p, t, key, query);
                     const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c])) : 0.f;
                     s[4 * j + e] = prob;
                     dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);
@@ -303,7 +255,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 int* turn = g.dq_turns + h * g.turns_per_head + queries.start / BWD_BLOCK + b + m_tile;
                 int mine = 0;
                 for (int n = 0; n < n0; n += BWD_BLOCK) {
-                    const QueryTiles earlier = query_tiles(p, n, queries.len, diagonal);
+                    const QueryTiles earlier = query_tiles<BWD_BLOCK, BWD_BLOCK>(p, n, queries.len, t.diagonal);
                     mine += earlier.first <= m_tile && m_tile < earlier.end;
                 }
                 if (threadIdx.x == 0) while (load_acquire(turn) != mine) {}

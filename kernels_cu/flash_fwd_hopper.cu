@@ -166,6 +166,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         softmax(i, rescale);
         wgmma_wait<0>();
         fence_registers(o);
+        fence_registers(pv);
         release(sm.v_free(i - 1));
         rescale_rows<D_BLOCKS>(o, rescale);
         keep_p();

@@ -39,9 +39,19 @@ __device__ __forceinline__ void fence_registers(float (&d)[COUNT]) {
 #pragma unroll
     for (int i = 0; i < COUNT; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
+// The same for A fragments in registers: without it the compiler may give
+// their registers to other values while the tensor cores still read them.
+template <int K_STEPS>
+__device__ __forceinline__ void fence_registers(unsigned (&a)[K_STEPS][4]) {
+#pragma unroll
+    for (int k = 0; k < K_STEPS; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[k][i]) :: "memory");
+}
 
-// D (64 x N) (+)= A (64 x 16, shared, K-major) * B (16 x N, shared, K-major).
-template <typename T, int N> struct WgmmaSS;
+// D (64 x N) (+)= A (64 x 16, shared) * B (16 x N, shared), both K-major, or
+// both MN-major (transposed: M and N contiguous) when MN_MAJOR.
+template <typename T, int N, bool MN_MAJOR = false> struct WgmmaSS;
 // D (64 x N) += A (64 x 16, registers) * B (16 x N, shared, MN-major).
 template <typename T, int N> struct WgmmaRS;
 
@@ -49,22 +59,22 @@ template <typename T, int N> struct WgmmaRS;
 // opcode. The accumulator operands are written out in full (inline PTX has no
 // way to take an array).
 #define DEFINE_WGMMA(TYPE, PTX) \
-template <> struct WgmmaSS<TYPE, 64> { \
+template <bool MN_MAJOR> struct WgmmaSS<TYPE, 64, MN_MAJOR> { \
     static __device__ __forceinline__ void run(float (&d)[32], unsigned long long a, unsigned long long b, bool accumulate) { \
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %35;\n}\n" \
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-                     : "l"(a), "l"(b), "r"((int)accumulate)); \
+                     : "l"(a), "l"(b), "r"((int)accumulate), "n"((int)MN_MAJOR)); \
     } \
 }; \
-template <> struct WgmmaSS<TYPE, 128> { \
+template <bool MN_MAJOR> struct WgmmaSS<TYPE, 128, MN_MAJOR> { \
     static __device__ __forceinline__ void run(float (&d)[64], unsigned long long a, unsigned long long b, bool accumulate) { \
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
                      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " \
-                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %67;\n}\n" \
                      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-                     : "l"(a), "l"(b), "r"((int)accumulate)); \
+                     : "l"(a), "l"(b), "r"((int)accumulate), "n"((int)MN_MAJOR)); \
     } \
 }; \
 template <> struct WgmmaRS<TYPE, 64> { \

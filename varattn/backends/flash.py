@@ -2,7 +2,9 @@
 
 Forward: kernels_cu/flash_fwd_hopper.cu (wgmma) on Hopper for head dims 64,
 128 and 256; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ for the rest.
-Backward: kernels_cu/flash_bwd.cu (mma.sync), head dims 32 to 128.
+Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper at head_dim 128;
+kernels_cu/flash_bwd.cu (mma.sync) for head dims 32 to 128 and the
+deterministic mode.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
 LSE, head dims 32 to 256; no bias, no dropout.
@@ -165,14 +167,21 @@ def forward(params):
     return Launch(params)(params.new_out())
 
 
-# The backward (kernels_cu/flash_bwd.cu): mma.sync, 64 x 64 tiles, head dims up to 128.
+# The backward: kernels_cu/flash_bwd.cu (mma.sync, 64 x 64 tiles, head dims up
+# to 128, and the deterministic mode), and on Hopper at head_dim 128
+# kernels_cu/flash_bwd_hopper.cu (wgmma, 128-key tiles).
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BACKWARD_BLOCK, BACKWARD_THREADS, DELTA_THREADS = 64, 128, 256
-_BACKWARD_ARGS = struct.Struct("<QQQQQQQqqq")  # kernels_cu/flash_bwd.cu: struct BwdParams
+HOPPER_BACKWARD_HEAD_DIMS, HOPPER_BACKWARD_BLOCK_N, HOPPER_BACKWARD_BLOCK_M = (128,), 128, 64
+HOPPER_BACKWARD_THREADS = 384
+_BACKWARD_ARGS = struct.Struct("<QQQQQQQqqq")  # kernels_cu/flash_bwd_common.cuh: struct BwdParams
 loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).lower()}>" for t in STORAGE_TYPES.values()
                                      for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
                        + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
+loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t in STORAGE_TYPES.values()
+                                            for d in HOPPER_BACKWARD_HEAD_DIMS]
+                       + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, true>"])
 
 
 def backward_shared_mem(head_dim: int) -> int:
@@ -180,8 +189,42 @@ def backward_shared_mem(head_dim: int) -> int:
     return 4 * BACKWARD_BLOCK * (head_dim + 8) * 2 + BACKWARD_BLOCK * (BACKWARD_BLOCK + 8) * 2 + 2 * BACKWARD_BLOCK * 4
 
 
+def hopper_backward_shared_mem(head_dim: int) -> int:
+    # K, V; two stages of Q, dO and dS^T; dQ staging (8 warps x 16 rows x
+    # (head_dim / 2 + 8) floats); two stages of lse and delta; 1 KB to align
+    block_m, block_n = HOPPER_BACKWARD_BLOCK_M, HOPPER_BACKWARD_BLOCK_N
+    return (2 * block_n * head_dim * 2 + 2 * (2 * block_m * head_dim * 2 + block_n * block_m * 2)
+            + 8 * 16 * (head_dim // 2 + 8) * 4 + 2 * 2 * block_m * 4 + 1024)
+
+
 def _aligned(x) -> bool:
     return x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and x.stride(2) == 1
+
+
+@dataclass(frozen=True)
+class _BackwardKernel:
+    """The main pass of one backward call and how to launch it."""
+    family: str
+    name: str
+    block_n: int
+    threads: int
+    shared_mem: int
+    tensor_maps: tuple = ()
+
+
+def _backward_kernel(params, grad_out) -> _BackwardKernel:
+    dtype, head_dim = STORAGE_TYPES[params.dtype], params.head_dim
+    if (not params.deterministic and head_dim in HOPPER_BACKWARD_HEAD_DIMS
+            and loader.arch_of(params.device) == "sm_90a"):
+        try:
+            maps = (tensor_map.rows(params.q, HOPPER_BACKWARD_BLOCK_M), tensor_map.rows(params.k, HOPPER_BACKWARD_BLOCK_N),
+                    tensor_map.rows(params.v, HOPPER_BACKWARD_BLOCK_N), tensor_map.rows(grad_out, HOPPER_BACKWARD_BLOCK_M))
+            return _BackwardKernel("flash_bwd_hopper", f"flash_bwd_hopper<{dtype}, {head_dim}>", HOPPER_BACKWARD_BLOCK_N,
+                                   HOPPER_BACKWARD_THREADS, hopper_backward_shared_mem(head_dim), maps)
+        except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
+            log.info("varattn: %s; using the mma.sync backward", error)
+    return _BackwardKernel("flash_bwd", f"flash_bwd<{dtype}, {head_dim}, {str(params.deterministic).lower()}>",
+                           BACKWARD_BLOCK, BACKWARD_THREADS, backward_shared_mem(head_dim))
 
 
 def backward(params, out, lse, grad_out, grad_lse, bias_grad):
@@ -200,11 +243,10 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     delta = torch.empty(params.num_heads, params.total_q, dtype=torch.float32, device=device)
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
-    dtype, shared_mem = STORAGE_TYPES[params.dtype], backward_shared_mem(params.head_dim)
-    delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{dtype}>", device)
-    plan_kernel = loader.kernel("flash_bwd", f"flash_plan<{BACKWARD_BLOCK}, true>", device)
-    bwd_kernel = loader.kernel("flash_bwd", f"flash_bwd<{dtype}, {params.head_dim}, {str(params.deterministic).lower()}>",
-                               device, dynamic_shared_mem=shared_mem)
+    main = _backward_kernel(params, grad_out)
+    delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
+    plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, true>", device)
+    bwd_kernel = loader.kernel(main.family, main.name, device, dynamic_shared_mem=main.shared_mem)
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
     packed = kernel_params.pack(params, out, lse)
     plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
@@ -213,14 +255,13 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
              if params.deterministic else None)
     grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
                                 0 if grad_lse is None else grad_lse.data_ptr(), 0 if turns is None else turns.data_ptr(),
-                                grad_out.stride(0),
-                                grad_out.stride(1), turns_per_head)
+                                grad_out.stride(0), grad_out.stride(1), turns_per_head)
     stream = loader.current_stream(bwd_kernel)
     rows_per_block = DELTA_THREADS // 32
     loader.launch(delta_kernel, (-(-params.total_q * params.num_heads // rows_per_block),), (DELTA_THREADS,),
                   loader.Args(packed, grads), stream=stream)
     loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args), stream=stream)
-    tiles_upper_bound = -(-params.total_k // BACKWARD_BLOCK) + batch
-    loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (BACKWARD_THREADS,),
-                  loader.Args(packed, *plan_args, grads), shared_mem=shared_mem, stream=stream)
+    tiles_upper_bound = -(-params.total_k // main.block_n) + batch
+    loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (main.threads,),
+                  loader.Args(packed, *plan_args, grads, *main.tensor_maps), shared_mem=main.shared_mem, stream=stream)
     return dq_accum.to(q.dtype), dk, dv, None

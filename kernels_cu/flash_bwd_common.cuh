@@ -1,0 +1,85 @@
+// flash_bwd_common.cuh — what the flash backward kernels (flash_bwd.cu for
+// sm80+, flash_bwd_hopper.cu for sm_90a) share: their tensors, which key
+// tile a CTA owns, which query tiles see it, and which pairs of tiles need
+// element masks.
+#pragma once
+#include "flash_common.cuh"
+
+// The backward's own tensors; strides in elements.
+struct BwdParams {
+    const void* dout;          // (total_q, heads, head_dim)
+    float* dq_accum;           // (total_q, heads, head_dim) float32, contiguous; zeroed by flash_bwd_delta
+    void* dk;                  // (total_k, heads_kv, head_dim) contiguous
+    void* dv;
+    float* delta;              // (heads, total_q), written by flash_bwd_delta
+    const float* dlse;         // (heads, total_q) or null
+    int* dq_turns;             // deterministic mode: per (head, query tile) the key tiles that added to it, zeroed
+    long long dout_row_stride, dout_head_stride;
+    long long turns_per_head;  // total_q / 64 + batch + 1: room for every sequence's 64-row query tiles
+};
+
+// A CTA's key tile: keys [n0, n0 + BLOCK_N) of sequence b, key/value head h_kv.
+struct KeyTile {
+    int b, h_kv, n0;
+    SeqSpan queries, keys;
+    long long diagonal;  // key index on the diagonal of query 0
+};
+
+// flash_plan<BLOCK_N, true> laid the sequences' key tiles out in order; a CTA
+// past the last tile has none.
+template <int BLOCK_N>
+__device__ __forceinline__ bool locate_key_tile(const AttnParams& p, const int* order, const int* tile_offsets,
+                                                KeyTile& t) {
+    t.h_kv = blockIdx.x % p.heads_kv;
+    const int tile = blockIdx.x / p.heads_kv;
+    if (tile >= tile_offsets[p.batch]) return false;
+    int pos = 0;
+    for (int hi = p.batch; hi - pos > 1;) {  // the last pos with tile_offsets[pos] <= tile
+        const int mid = (pos + hi) / 2;
+        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
+    }
+    t.b = order[pos];
+    t.n0 = (tile - tile_offsets[pos]) * BLOCK_N;
+    t.queries = query_span(p, t.b);
+    t.keys = key_span(p, t.b);
+    t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
+    return true;
+}
+
+// Whether the mask bounds key - query - diagonal from above (causal or a right window), and by what.
+__device__ __forceinline__ bool right_bound(const AttnParams& p, long long& right) {
+    right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
+    return p.causal || p.window_right >= 0;
+}
+
+// The query tiles [first, end) of BLOCK_M rows whose rows may see keys [n0, n0 + BLOCK_N).
+struct QueryTiles {
+    int first, end;
+};
+
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ QueryTiles query_tiles(const AttnParams& p, int n0, int len_q, long long diagonal) {
+    long long right;
+    const bool bounded_right = right_bound(p, right);
+    long long row_begin = 0, row_end = len_q;
+    if (bounded_right) row_begin = max(row_begin, n0 - diagonal - right);
+    if (p.window_left >= 0) row_end = min(row_end, n0 + BLOCK_N - 1 - diagonal + p.window_left + 1);
+    const int first = (int)(row_begin / BLOCK_M);
+    return {first, row_end > row_begin ? (int)((row_end + BLOCK_M - 1) / BLOCK_M) : first};
+}
+
+// Does the pair (keys [n0, n0 + BLOCK_N), queries [m0, m0 + BLOCK_M)) need
+// element masks: does it cross a mask edge or the end of the keys or queries?
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ bool pair_crosses_edge(const AttnParams& p, const KeyTile& t, int n0, int m0) {
+    long long right;
+    const bool bounded_right = right_bound(p, right);
+    return n0 + BLOCK_N > t.keys.len || m0 + BLOCK_M > t.queries.len
+        || (bounded_right && (long long)n0 + BLOCK_N - 1 - m0 - t.diagonal > right)
+        || (p.window_left >= 0 && (long long)n0 - (m0 + BLOCK_M - 1) - t.diagonal < -(long long)p.window_left);
+}
+
+// Whether key `key` and query `query` of the tile's sequence take part.
+__device__ __forceinline__ bool pair_visible(const AttnParams& p, const KeyTile& t, int key, int query) {
+    return key < t.keys.len && query < t.queries.len && key_visible(p, query, key, t.queries.len, t.keys.len);
+}

@@ -1,0 +1,324 @@
+// flash_bwd_hopper.cu — the flash backward's main pass on Hopper (sm_90a):
+// the algorithm of flash_bwd.cu with warpgroup matrix instructions (wgmma)
+// and the copy engine (TMA), head_dim 128. flash_bwd.cu's preprocess
+// (delta, the zeroed dQ accumulator) runs first; the deterministic mode and
+// every other head dim use flash_bwd.cu.
+//
+// Per CTA = (key tile of BLOCK_N = 128 keys, key/value head, sequence): two
+// consumer warpgroups of 64 keys each, and one producer warpgroup.
+//   Producer: one thread copies K and V once, then Q and dO of every query
+//     tile (64 rows) of every query head of the group into two stages, each
+//     as soon as every consumer warp has released it; one warp writes the
+//     tile's lse (log2-scaled; +inf where a row has no probability) and delta
+//     beside it. Its warpgroup keeps 24 registers, the consumers take 240.
+//   Consumers, per query tile, each on its 64 keys (keys as rows):
+//     S^T = K Q^T, dP^T = V dO^T               (both operands in shared memory)
+//     P^T = exp2(S^T scale log2 e - lse), dS^T = P^T (dP^T - delta)
+//     dV += P^T dO, dK += dS^T Q               (P^T, dS^T from registers)
+//     dS^T -> shared memory; once both warpgroups' halves are there,
+//     dQ = dS K for half of head_dim each       (dS and K read MN-major)
+//     and each warp stages its 16 rows of dQ and has the copy engine add
+//     them to the float32 accumulator (cp.reduce.async.bulk, one per row).
+//   dK and dV stay in registers for the whole CTA (summed over the group's
+//   query heads: no atomics for GQA), scaled and written once at the end.
+// Copies bring whole tiles: rows past the sequence's end hold other data,
+// which could be Inf or NaN. Those rows of K, Q and dO are zeroed in shared
+// memory before use (V's only meet masked probabilities); masked elements of
+// P^T and dS^T are set to 0, not computed.
+//
+// Tiles: BLOCK_N = 128 keys so that one K/V tile feeds two warpgroups; each
+// warpgroup holds dK and dV (64 + 64 fp32 per thread), S^T and dP^T (32 +
+// 32), which 240 registers hold; BLOCK_M = 64 query rows, the smallest wgmma
+// M, keeps S^T and dP^T small. Shared memory: K, V (32 KB each), two stages
+// of Q and dO (16 KB each), two dS^T buffers (16 KB each: one warpgroup may
+// start the next tile while the other still reads the last dS), dQ staging
+// (8 warps x 16 rows x 72 floats: conflict-free stores), lse and delta:
+// 199 KB, one CTA per SM.
+#include "flash_bwd_common.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+template <int HEAD_DIM>
+struct BwdHopperShared {
+    static constexpr int BLOCK_M = 64, BLOCK_N = 128, CONSUMERS = 256, STAGES = 2;
+    static constexpr int ATOMS = HEAD_DIM / 64;  // 64-column swizzle atoms, one copy each
+    static constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2, Q_BYTES = BLOCK_M * HEAD_DIM * 2;
+    static constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
+    static constexpr int DQ_PITCH = HEAD_DIM / 2 + 8;   // floats per staged dQ row (half of head_dim)
+    static constexpr int DQ_BYTES = 16 * DQ_PITCH * 4;  // one warp's 16 rows
+    static constexpr int ROWS_BYTES = 2 * BLOCK_M * 4;  // lse and delta of one stage
+    // Byte offsets of the regions from base, in this order.
+    static constexpr int Q_AT = 2 * KV_BYTES, DOUT_AT = Q_AT + STAGES * Q_BYTES, DS_AT = DOUT_AT + STAGES * Q_BYTES,
+                         DQ_AT = DS_AT + STAGES * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 32 * DQ_BYTES,
+                         BYTES = ROWS_AT + STAGES * ROWS_BYTES;
+    unsigned base, barriers;  // shared-space addresses: the tiles (1024-aligned), the barriers
+
+    __device__ unsigned k() const { return base; }
+    __device__ unsigned v() const { return base + KV_BYTES; }
+    __device__ unsigned q(int i) const { return base + Q_AT + (i % STAGES) * Q_BYTES; }
+    __device__ unsigned dout(int i) const { return base + DOUT_AT + (i % STAGES) * Q_BYTES; }
+    __device__ unsigned ds(int i) const { return base + DS_AT + (i % STAGES) * DS_BYTES; }
+    __device__ unsigned dq(int warp) const { return base + DQ_AT + warp * DQ_BYTES; }
+    __device__ unsigned rows(int i) const { return base + ROWS_AT + (i % STAGES) * ROWS_BYTES; }
+    // Step i (counted from 0) uses stage i % 2; its j-th use of a stage
+    // (j = i / 2) completes phase j of the stage's "full" barrier (the copies
+    // landed and the rows are written) and of its "free" barrier.
+    __device__ unsigned kv_full() const { return barriers; }
+    __device__ unsigned stage_full(int i) const { return barriers + 8 * (1 + i % STAGES); }
+    __device__ unsigned stage_free(int i) const { return barriers + 8 * (1 + STAGES + i % STAGES); }
+    static constexpr int BARRIERS = 1 + 2 * STAGES;
+
+    __device__ void init() const {
+        mbarrier_init(kv_full(), 1);
+        for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS / 32);
+        mbarrier_init_fence();
+    }
+};
+
+// The steps of a CTA: every query tile that sees its keys, for every query
+// head of its group, head by head.
+struct BwdSteps {
+    int first_tile, per_head, count;
+    __device__ int head(const KeyTile& t, int group, int i) const { return t.h_kv * group + i / per_head; }
+    __device__ int m0(int i, int block_m) const { return (first_tile + i % per_head) * block_m; }
+};
+
+// The producer's copies, from one thread.
+template <int HEAD_DIM>
+__device__ __forceinline__ void produce_tiles(const AttnParams& p, const KeyTile& t, const BwdSteps& steps,
+                                              const BwdHopperShared<HEAD_DIM>& sm, const TensorMap& tma_q,
+                                              const TensorMap& tma_k, const TensorMap& tma_v, const TensorMap& tma_do) {
+    using S = BwdHopperShared<HEAD_DIM>;
+    const int group = p.heads / p.heads_kv, k_row = t.keys.start + t.n0;
+    mbarrier_expect_bytes(sm.kv_full(), 2 * S::KV_BYTES);
+    for (int a = 0; a < S::ATOMS; ++a) {
+        tma_load(sm.k() + a * S::BLOCK_N * 128, tma_k, 64 * a, t.h_kv, k_row, sm.kv_full());
+        tma_load(sm.v() + a * S::BLOCK_N * 128, tma_v, 64 * a, t.h_kv, k_row, sm.kv_full());
+    }
+    for (int i = 0; i < steps.count; ++i) {
+        if (i >= S::STAGES) mbarrier_wait(sm.stage_free(i), (i / S::STAGES - 1) & 1);
+        const int h = steps.head(t, group, i), q_row = t.queries.start + steps.m0(i, S::BLOCK_M);
+        mbarrier_expect_bytes(sm.stage_full(i), 2 * S::Q_BYTES);
+        for (int a = 0; a < S::ATOMS; ++a) {
+            tma_load(sm.q(i) + a * S::BLOCK_M * 128, tma_q, 64 * a, h, q_row, sm.stage_full(i));
+            tma_load(sm.dout(i) + a * S::BLOCK_M * 128, tma_do, 64 * a, h, q_row, sm.stage_full(i));
+        }
+    }
+}
+
+// The producer's lse and delta of each step, from one warp.
+template <int HEAD_DIM>
+__device__ __forceinline__ void produce_rows(const AttnParams& p, const BwdParams& g, const KeyTile& t,
+                                             const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm) {
+    using S = BwdHopperShared<HEAD_DIM>;
+    const int group = p.heads / p.heads_kv, lane = threadIdx.x % 32;
+    for (int i = 0; i < steps.count; ++i) {
+        if (i >= S::STAGES) mbarrier_wait(sm.stage_free(i), (i / S::STAGES - 1) & 1);
+        const long long at = steps.head(t, group, i) * p.total_q + t.queries.start;
+        float* lse = (float*)__cvta_shared_to_generic(sm.rows(i));
+        for (int c = lane; c < S::BLOCK_M; c += 32) {
+            const int row = steps.m0(i, S::BLOCK_M) + c;
+            const bool valid = row < t.queries.len;
+            const float l = valid ? ((const float*)p.lse)[at + row] : neg_inf<float>();
+            // A row past the end, or one that sees no key, gets P = 0.
+            lse[c] = l == neg_inf<float>() ? -neg_inf<float>() : l * LOG2_E;
+            lse[S::BLOCK_M + c] = valid ? g.delta[at + row] : 0.f;
+        }
+        mbarrier_arrive(sm.stage_full(i));
+    }
+}
+
+// Zeroes rows [valid, ROWS) of a swizzled tile of ATOMS atoms of ROWS rows
+// (a row's chunks are permuted within it, so whole rows stay whole), then
+// makes the zeros visible to the tensor cores of both consumer warpgroups.
+template <int ROWS, int ATOMS, int CONSUMERS>
+__device__ __forceinline__ void zero_rows_from(unsigned tile, int valid) {
+    unsigned char* bytes = (unsigned char*)__cvta_shared_to_generic(tile);
+    for (int c = threadIdx.x; c < ATOMS * ROWS * 8; c += CONSUMERS)
+        if ((c / 8) % ROWS >= valid) *(uint4*)(bytes + 16 * c) = make_uint4(0, 0, 0, 0);
+}
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g, const KeyTile& t,
+                                        const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm) {
+    using S = BwdHopperShared<HEAD_DIM>;
+    constexpr int D_BLOCKS = HEAD_DIM / 8, HALF = HEAD_DIM / 2;
+    static_assert(HALF == 64, "dQ = dS K takes one 64-column swizzle atom of K per warpgroup");
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int key_row = 64 * wg + 16 * (warp % 4) + lane / 4;  // this thread's keys: key_row and + 8 of the tile
+    const int group = p.heads / p.heads_kv;
+    const float scale_log2 = (float)p.scale * LOG2_E, scale = (float)p.scale;
+
+    float dk[D_BLOCKS * 4], dv[D_BLOCKS * 4];
+#pragma unroll
+    for (int e = 0; e < D_BLOCKS * 4; ++e) dk[e] = dv[e] = 0.f;
+
+    if (steps.count > 0) {
+        mbarrier_wait(sm.kv_full(), 0);
+        if (t.n0 + S::BLOCK_N > t.keys.len) {
+            zero_rows_from<S::BLOCK_N, S::ATOMS, S::CONSUMERS>(sm.k(), t.keys.len - t.n0);
+            fence_proxy_async();
+            named_barrier_sync(1, S::CONSUMERS);
+        }
+    }
+    for (int i = 0; i < steps.count; ++i) {
+        const int h = steps.head(t, group, i), m0 = steps.m0(i, S::BLOCK_M);
+        mbarrier_wait(sm.stage_full(i), (i / S::STAGES) & 1);
+        if (m0 + S::BLOCK_M > t.queries.len) {
+            zero_rows_from<S::BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.q(i), t.queries.len - m0);
+            zero_rows_from<S::BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.dout(i), t.queries.len - m0);
+            fence_proxy_async();
+            named_barrier_sync(1, S::CONSUMERS);
+        }
+
+        // S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x 64 queries,
+        // K-major operands, 16 of head_dim per instruction, 4 per swizzle atom.
+        float s[32], dp[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            const unsigned keys = (kk / 4) * S::BLOCK_N * 128 + wg * 64 * 128 + (kk % 4) * 32;
+            const unsigned queries = (kk / 4) * S::BLOCK_M * 128 + (kk % 4) * 32;
+            WgmmaSS<T, 64>::run(s, wgmma_descriptor(sm.k() + keys, 16, 1024),
+                                wgmma_descriptor(sm.q(i) + queries, 16, 1024), kk > 0);
+            WgmmaSS<T, 64>::run(dp, wgmma_descriptor(sm.v() + keys, 16, 1024),
+                                wgmma_descriptor(sm.dout(i) + queries, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(s);
+        fence_registers(dp);
+
+        // P^T and dS^T; masked elements become 0 (element masks only where the
+        // pair of tiles crosses a mask edge or a sequence's end).
+        const bool crosses = pair_crosses_edge<64, 64>(p, t, t.n0 + 64 * wg, m0);
+        const float* lse = (const float*)__cvta_shared_to_generic(sm.rows(i));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            const float2 l = *(const float2*)(lse + c), d = *(const float2*)(lse + S::BLOCK_M + c);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool visible = !crosses || pair_visible(p, t, t.n0 + key_row + 8 * (e / 2), m0 + c + e % 2);
+                const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? l.y : l.x))) : 0.f;
+                dp[4 * j + e] = visible ? prob * (dp[4 * j + e] - (e % 2 ? d.y : d.x)) : 0.f;
+                s[4 * j + e] = prob;
+            }
+        }
+        unsigned pt[4][4], dst[4][4];  // P^T and dS^T as A operands, 16 queries each
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            p_fragment<T, 8>(s, kk, pt[kk]);
+            p_fragment<T, 8>(dp, kk, dst[kk]);
+        }
+        // dV += P^T dO and dK += dS^T Q: dO and Q read MN-major (16 query rows,
+        // two 8-row groups of 1024 bytes, per instruction).
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            WgmmaRS<T, HEAD_DIM>::run(dv, pt[kk], wgmma_descriptor(sm.dout(i) + kk * 2048, S::BLOCK_M * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], wgmma_descriptor(sm.q(i) + kk * 2048, S::BLOCK_M * 128, 1024));
+        wgmma_commit();
+
+        // dS^T -> shared memory: rows = the tile's 128 keys, 64 queries (one
+        // swizzle atom of 128 bytes per row; 16-byte chunk c of row r at c ^ (r % 8)).
+        unsigned char* ds = (unsigned char*)__cvta_shared_to_generic(sm.ds(i));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {  // A fragment register x: rows + 8 (x % 2), queries 16 kk + 8 (x / 2)
+                const int row = key_row + 8 * (x % 2), chunk = 2 * kk + x / 2;
+                *(unsigned*)(ds + row * 128 + ((chunk ^ (row % 8)) * 16) + (lane % 4) * 4) = dst[kk][x];
+            }
+        fence_proxy_async();
+        named_barrier_sync(2, S::CONSUMERS);  // both halves of dS^T are in place
+
+        // dQ (64 queries x this warpgroup's half of head_dim) = dS K over all
+        // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom wg.
+#pragma unroll
+        for (int kk = 0; kk < S::BLOCK_N / 16; ++kk)
+            WgmmaSS<T, 64, true>::run(s, wgmma_descriptor(sm.ds(i) + kk * 2048, S::BLOCK_N * 128, 1024),
+                                      wgmma_descriptor(sm.k() + wg * S::BLOCK_N * 128 + kk * 2048, S::BLOCK_N * 128, 1024),
+                                      kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dK are done: Q and dO are free
+        fence_registers(pt);
+        fence_registers(dst);
+        fence_registers(dv);
+        fence_registers(dk);
+        if (lane == 0) mbarrier_arrive(sm.stage_free(i));
+        wgmma_wait<0>();
+        fence_registers(s);
+
+        // This warp's 16 query rows of dQ: staged, then one bulk add per row.
+        float* staged = (float*)__cvta_shared_to_generic(sm.dq(warp));
+        if (lane < 16) bulk_wait_read<0>();  // the previous step's adds have read the staging rows
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                *(float2*)(staged + (lane / 4 + 8 * r) * S::DQ_PITCH + 8 * j + 2 * (lane % 4)) =
+                    make_float2(s[4 * j + 2 * r] * scale, s[4 * j + 2 * r + 1] * scale);
+        fence_shared_for_async_proxy();
+        __syncwarp();
+        const int row = m0 + 16 * (warp % 4) + lane;
+        if (lane < 16 && row < t.queries.len)
+            bulk_reduce_add_f32(g.dq_accum + ((t.queries.start + row) * p.heads + h) * HEAD_DIM + wg * HALF,
+                                smem_address(staged + lane * S::DQ_PITCH), HALF * 4);
+    }
+    if (lane < 16) bulk_wait_read<0>();  // shared memory must outlive the copies' reads
+
+    // dK * scale and dV for this thread's keys, once.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = t.n0 + key_row + 8 * r;
+        if (key >= t.keys.len) continue;
+        const long long at = ((t.keys.start + key) * p.heads_kv + t.h_kv) * HEAD_DIM;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            *(unsigned*)((T*)g.dk + at + c) = pack2<T>(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            *(unsigned*)((T*)g.dv + at + c) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
+// Registers per thread after the split. The consumers' increase waits until
+// the pool holds what they ask for, and the pool is what the CTA got at
+// launch: 168 per thread (65536 / 384, rounded down to 8) = 64512 =
+// 24 x 128 + 240 x 256.
+constexpr int BWD_PRODUCER_REGISTERS = 24, BWD_CONSUMER_REGISTERS = 240;
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(384, 1)
+flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, const BwdParams g,
+                 const __grid_constant__ TensorMap tma_q, const __grid_constant__ TensorMap tma_k,
+                 const __grid_constant__ TensorMap tma_v, const __grid_constant__ TensorMap tma_do) {
+    using S = BwdHopperShared<HEAD_DIM>;
+    extern __shared__ unsigned char shared_raw[];
+    __shared__ __align__(8) unsigned long long barriers[S::BARRIERS];
+    S sm;
+    sm.base = smem_address(shared_raw) + (1024 - smem_address(shared_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
+    sm.barriers = smem_address(barriers);
+
+    KeyTile t;
+    if (!locate_key_tile<S::BLOCK_N>(p, order, tile_offsets, t)) return;
+    const QueryTiles m_tiles = query_tiles<S::BLOCK_M, S::BLOCK_N>(p, t.n0, t.queries.len, t.diagonal);
+    const int per_head = m_tiles.end - m_tiles.first;
+    const BwdSteps steps{m_tiles.first, per_head, per_head * (p.heads / p.heads_kv)};
+    if (threadIdx.x == 0) sm.init();
+    __syncthreads();
+    if (threadIdx.x >= S::CONSUMERS) {
+        set_max_registers_dec<BWD_PRODUCER_REGISTERS>();
+        const int producer_warp = (threadIdx.x - S::CONSUMERS) / 32;
+        if (producer_warp == 0 && threadIdx.x % 32 == 0 && steps.count > 0)
+            produce_tiles(p, t, steps, sm, tma_q, tma_k, tma_v, tma_do);
+        if (producer_warp == 1) produce_rows(p, g, t, steps, sm);
+    } else {
+        set_max_registers_inc<BWD_CONSUMER_REGISTERS>();
+        consume<T>(p, g, t, steps, sm);
+    }
+}
