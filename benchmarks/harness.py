@@ -4,7 +4,8 @@ clocks settle), rounds sized to a time budget, and
 TFLOP/s (TB/s for decode) recorded in extra_info.
 
 Training suites time forward + backward (autograd from q, k, v to a random
-output gradient) and count the backward as 2.5x the forward's FLOPs."""
+output gradient, the leaves' gradients cleared before each step as an
+optimizer's zero_grad does) and count the backward as 2.5x the forward's FLOPs."""
 from __future__ import annotations
 
 import time
@@ -83,6 +84,16 @@ def _with_grad(tensors):
     return [x.detach().clone().requires_grad_() for x in tensors]
 
 
+def _step(leaves, forward, grad):
+    """One training step's attention: gradients cleared (set to None, as
+    optimizer.zero_grad() does), forward, backward."""
+    def run():
+        for x in leaves:
+            x.grad = None
+        forward().backward(grad)
+    return run
+
+
 def training_comparator(inputs, name):
     """The callable running forward + backward for comparator `name` (or pytest.skip)."""
     w = inputs.workload
@@ -94,7 +105,7 @@ def training_comparator(inputs, name):
         chosen = varattn.explain(*args, causal=w.causal).chosen
         if chosen != varattn.Backend.FLASH:
             pytest.skip(f"flash cannot train on {w.name}")
-        return lambda: varattn.varlen_attention(*args, causal=w.causal).backward(grad_out)
+        return _step((q, k, v), lambda: varattn.varlen_attention(*args, causal=w.causal), grad_out)
     if name == "torch-nested":
         values = _with_grad((inputs.q, inputs.k, inputs.v))
         offsets = [inputs.cu_q.long(), inputs.cu_k.long(), inputs.cu_k.long()]
@@ -102,14 +113,14 @@ def training_comparator(inputs, name):
         q, k, v = (torch.nested.nested_tensor_from_jagged(x, o, max_seqlen=m).transpose(1, 2)
                    for x, o, m in zip(values, offsets, longest))
         grad = torch.nested.nested_tensor_from_jagged(grad_out, offsets[0], max_seqlen=inputs.max_q).transpose(1, 2)
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal).backward(grad)
+        return _step(values, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal), grad)
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
         *tensors, block_mask = inputs.flex()
         q, k, v = _with_grad(tensors)
         grad = grad_out.transpose(0, 1)[None]
         compiled = torch.compile(flex_attention) if DEVICE.type == "cuda" else flex_attention
-        return lambda: compiled(q, k, v, block_mask=block_mask).backward(grad)
+        return _step((q, k, v), lambda: compiled(q, k, v, block_mask=block_mask), grad)
     raise ValueError(name)
 
 

@@ -2,8 +2,8 @@
 // sm80+): dQ, dK and dV from the saved LSE, probabilities recomputed.
 //
 // First a preprocess, flash_bwd_delta: delta = rowsum(dO * O) - dLSE per
-// query row and head (dLSE: the gradient reaching the returned lse, if any),
-// and the float32 dQ accumulator zeroed; one warp per row and head.
+// query row and head (dLSE: the gradient reaching the returned lse, if any);
+// one warp per row and head.
 //
 // Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value
 // head, sequence), with K and V resident in shared memory; for every query
@@ -47,6 +47,7 @@
 
 #define BWD_THREADS 128
 #define BWD_BLOCK 64
+static_assert(BWD_BLOCK == 64, "query_tile_slot counts tiles of 64 query rows");
 
 #define DELTA_THREADS 256
 
@@ -61,8 +62,6 @@ __global__ void __launch_bounds__(DELTA_THREADS) flash_bwd_delta(const AttnParam
     float sum = 0.f;
     for (int d = lane; d < p.head_dim_v; d += 32) sum += to_acc(dout[d]) * to_acc(out[d]);
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    float* dq = g.dq_accum + task * p.head_dim;
-    for (int d = lane; d < p.head_dim; d += 32) dq[d] = 0.f;
     if (lane == 0) g.delta[h * p.total_q + row] = g.dlse == nullptr ? sum : sum - g.dlse[h * p.total_q + row];
 }
 
@@ -252,7 +251,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 // In key-tile order: wait for the turn of this tile among the key tiles that
                 // reach this query tile, add, pass the turn on. Earlier key tiles come earlier
                 // in the grid, so the tile waited for is running or done.
-                int* turn = g.dq_turns + h * g.turns_per_head + queries.start / BWD_BLOCK + b + m_tile;
+                int* turn = g.dq_turns + h * g.tiles_per_head + query_tile_slot(queries, b, m_tile);
                 int mine = 0;
                 for (int n = 0; n < n0; n += BWD_BLOCK) {
                     const QueryTiles earlier = query_tiles<BWD_BLOCK, BWD_BLOCK>(p, n, queries.len, t.diagonal);

@@ -44,12 +44,11 @@ struct BwdHopperShared {
     static constexpr int ATOMS = HEAD_DIM / 64;  // 64-column swizzle atoms, one copy each
     static constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2, Q_BYTES = BLOCK_M * HEAD_DIM * 2;
     static constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
-    static constexpr int DQ_PITCH = HEAD_DIM / 2 + 8;   // floats per staged dQ row (half of head_dim)
-    static constexpr int DQ_BYTES = 16 * DQ_PITCH * 4;  // one warp's 16 rows
+    static constexpr int DQ_BYTES = BLOCK_M * HEAD_DIM / 2 * 4;  // one warpgroup's half of dQ, float32
     static constexpr int ROWS_BYTES = 2 * BLOCK_M * 4;  // lse and delta of one stage
     // Byte offsets of the regions from base, in this order.
     static constexpr int Q_AT = 2 * KV_BYTES, DOUT_AT = Q_AT + STAGES * Q_BYTES, DS_AT = DOUT_AT + STAGES * Q_BYTES,
-                         DQ_AT = DS_AT + STAGES * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 32 * DQ_BYTES,
+                         DQ_AT = DS_AT + STAGES * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 128 * DQ_BYTES,
                          BYTES = ROWS_AT + STAGES * ROWS_BYTES;
     unsigned base, barriers;  // shared-space addresses: the tiles (1024-aligned), the barriers
 
@@ -58,7 +57,7 @@ struct BwdHopperShared {
     __device__ unsigned q(int i) const { return base + Q_AT + (i % STAGES) * Q_BYTES; }
     __device__ unsigned dout(int i) const { return base + DOUT_AT + (i % STAGES) * Q_BYTES; }
     __device__ unsigned ds(int i) const { return base + DS_AT + (i % STAGES) * DS_BYTES; }
-    __device__ unsigned dq(int warp) const { return base + DQ_AT + warp * DQ_BYTES; }
+    __device__ unsigned dq(int wg) const { return base + DQ_AT + wg * DQ_BYTES; }
     __device__ unsigned rows(int i) const { return base + ROWS_AT + (i % STAGES) * ROWS_BYTES; }
     // Step i (counted from 0) uses stage i % 2; its j-th use of a stage
     // (j = i / 2) completes phase j of the stage's "full" barrier (the copies
@@ -72,6 +71,23 @@ struct BwdHopperShared {
         mbarrier_init(kv_full(), 1);
         for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS / 32);
         mbarrier_init_fence();
+    }
+};
+
+// The float32 dQ accumulator: per head, tiles_per_head slots of 64 query
+// rows (query_tile_slot), each two blocks of 64 rows x 64 columns (the
+// halves of head_dim, one per consumer warpgroup), so that one bulk
+// reduction adds a warpgroup's whole half. Rows of a slot past its
+// sequence's end belong to no other sequence. Inside a block, 16-byte chunk
+// k of row r sits at chunk k ^ 2 (r % 8): the staging stores of a warp (8
+// rows, float2 each) fall in distinct banks.
+struct DqAccum {
+    static constexpr int ROWS = 64, COLUMNS = 64;
+    static __device__ __forceinline__ long long block(const BwdParams& g, int h, long long slot, int half) {
+        return ((h * g.tiles_per_head + slot) * 2 + half) * (ROWS * COLUMNS);
+    }
+    static __device__ __forceinline__ int offset(int r, int c) {
+        return r * COLUMNS + (((c / 4) ^ (2 * (r % 8))) * 4) + c % 4;
     }
 };
 
@@ -233,10 +249,12 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
                 *(unsigned*)(ds + row * 128 + ((chunk ^ (row % 8)) * 16) + (lane % 4) * 4) = dst[kk][x];
             }
         fence_proxy_async();
+        if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the last step's dQ add has read the staging
         named_barrier_sync(2, S::CONSUMERS);  // both halves of dS^T are in place
 
         // dQ (64 queries x this warpgroup's half of head_dim) = dS K over all
         // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom wg.
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < S::BLOCK_N / 16; ++kk)
             WgmmaSS<T, 64, true>::run(s, wgmma_descriptor(sm.ds(i) + kk * 2048, S::BLOCK_N * 128, 1024),
@@ -252,24 +270,23 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         wgmma_wait<0>();
         fence_registers(s);
 
-        // This warp's 16 query rows of dQ: staged, then one bulk add per row.
-        float* staged = (float*)__cvta_shared_to_generic(sm.dq(warp));
-        if (lane < 16) bulk_wait_read<0>();  // the previous step's adds have read the staging rows
-        __syncwarp();
+        // This warpgroup's half of dQ, staged in DqAccum's block layout, then
+        // added by the copy engine in one bulk reduction (the staging is free
+        // again: its issuing thread waited for the last one before barrier 2).
+        float* staged = (float*)__cvta_shared_to_generic(sm.dq(wg));
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                *(float2*)(staged + (lane / 4 + 8 * r) * S::DQ_PITCH + 8 * j + 2 * (lane % 4)) =
+                *(float2*)(staged + DqAccum::offset(16 * (warp % 4) + lane / 4 + 8 * r, 8 * j + 2 * (lane % 4))) =
                     make_float2(s[4 * j + 2 * r] * scale, s[4 * j + 2 * r + 1] * scale);
         fence_shared_for_async_proxy();
-        __syncwarp();
-        const int row = m0 + 16 * (warp % 4) + lane;
-        if (lane < 16 && row < t.queries.len)
-            bulk_reduce_add_f32(g.dq_accum + ((t.queries.start + row) * p.heads + h) * HEAD_DIM + wg * HALF,
-                                smem_address(staged + lane * S::DQ_PITCH), HALF * 4);
+        named_barrier_sync(3 + wg, 128);
+        if (threadIdx.x % 128 == 0)
+            bulk_reduce_add_f32(g.dq_accum + DqAccum::block(g, h, query_tile_slot(t.queries, t.b, m0 / S::BLOCK_M), wg),
+                                sm.dq(wg), S::DQ_BYTES);
     }
-    if (lane < 16) bulk_wait_read<0>();  // shared memory must outlive the copies' reads
+    if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
     // dK * scale and dV for this thread's keys, once.
 #pragma unroll
@@ -321,4 +338,25 @@ flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
         set_max_registers_inc<BWD_CONSUMER_REGISTERS>();
         consume<T>(p, g, t, steps, sm);
     }
+}
+
+// dQ from the accumulator, in the inputs' dtype: one warp per query row and
+// head, 4 columns per lane; rows in no sequence, or past seqused, get 0.
+template <typename T>
+__global__ void __launch_bounds__(256) flash_bwd_hopper_dq(const AttnParams p, const BwdParams g, void* dq) {
+    static_assert(sizeof(T) == 2, "bf16 or fp16");
+    const long long task = (long long)blockIdx.x * 8 + threadIdx.x / 32;  // row * heads + head
+    if (task >= p.total_q * p.heads) return;
+    const long long row = task / p.heads;
+    const int h = (int)(task % p.heads), lane = threadIdx.x % 32;
+    const int b = sequence_of(p.cu_seqlens_q, p.batch, row);
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (b >= 0) {
+        const SeqSpan queries = query_span(p, b);
+        const long long r = row - queries.start;
+        if (r >= 0 && r < queries.len)
+            x = *(const float4*)(g.dq_accum + DqAccum::block(g, h, query_tile_slot(queries, b, (int)(r / 64)), lane / 16)
+                                 + DqAccum::offset((int)(r % 64), 4 * (lane % 16)));
+    }
+    *(uint2*)((T*)dq + task * 128 + 4 * lane) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
 }

@@ -181,7 +181,9 @@ loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).l
                        + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
 loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t in STORAGE_TYPES.values()
                                             for d in HOPPER_BACKWARD_HEAD_DIMS]
+                       + [f"flash_bwd_hopper_dq<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, true>"])
+DQ_THREADS = 256  # flash_bwd_hopper_dq: a warp per query row and head
 
 
 def backward_shared_mem(head_dim: int) -> int:
@@ -190,11 +192,11 @@ def backward_shared_mem(head_dim: int) -> int:
 
 
 def hopper_backward_shared_mem(head_dim: int) -> int:
-    # K, V; two stages of Q, dO and dS^T; dQ staging (8 warps x 16 rows x
-    # (head_dim / 2 + 8) floats); two stages of lse and delta; 1 KB to align
+    # K, V; two stages of Q, dO and dS^T; dQ staging (block_m x head_dim
+    # floats); two stages of lse and delta; 1 KB to align
     block_m, block_n = HOPPER_BACKWARD_BLOCK_M, HOPPER_BACKWARD_BLOCK_N
     return (2 * block_n * head_dim * 2 + 2 * (2 * block_m * head_dim * 2 + block_n * block_m * 2)
-            + 8 * 16 * (head_dim // 2 + 8) * 4 + 2 * 2 * block_m * 4 + 1024)
+            + block_m * head_dim * 4 + 2 * 2 * block_m * 4 + 1024)
 
 
 def _aligned(x) -> bool:
@@ -203,13 +205,15 @@ def _aligned(x) -> bool:
 
 @dataclass(frozen=True)
 class _BackwardKernel:
-    """The main pass of one backward call and how to launch it."""
+    """The main pass of one backward call and how to launch it; dq_name: the
+    kernel of `family` that turns its dQ accumulator into dQ (None: a cast)."""
     family: str
     name: str
     block_n: int
     threads: int
     shared_mem: int
     tensor_maps: tuple = ()
+    dq_name: str | None = None
 
 
 def _backward_kernel(params, grad_out) -> _BackwardKernel:
@@ -220,7 +224,8 @@ def _backward_kernel(params, grad_out) -> _BackwardKernel:
             maps = (tensor_map.rows(params.q, HOPPER_BACKWARD_BLOCK_M), tensor_map.rows(params.k, HOPPER_BACKWARD_BLOCK_N),
                     tensor_map.rows(params.v, HOPPER_BACKWARD_BLOCK_N), tensor_map.rows(grad_out, HOPPER_BACKWARD_BLOCK_M))
             return _BackwardKernel("flash_bwd_hopper", f"flash_bwd_hopper<{dtype}, {head_dim}>", HOPPER_BACKWARD_BLOCK_N,
-                                   HOPPER_BACKWARD_THREADS, hopper_backward_shared_mem(head_dim), maps)
+                                   HOPPER_BACKWARD_THREADS, hopper_backward_shared_mem(head_dim), maps,
+                                   f"flash_bwd_hopper_dq<{dtype}>")
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
             log.info("varattn: %s; using the mma.sync backward", error)
     return _BackwardKernel("flash_bwd", f"flash_bwd<{dtype}, {head_dim}, {str(params.deterministic).lower()}>",
@@ -239,23 +244,25 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     batch, device = params.batch_size, params.device
     if params.total_q == 0 or params.total_k == 0 or batch == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_(), None
-    dq_accum = torch.empty(q.shape, dtype=torch.float32, device=device)   # zeroed by flash_bwd_delta
+    main = _backward_kernel(params, grad_out)
+    # Query-tile slots per head (kernels_cu/flash_bwd_common.cuh: query_tile_slot).
+    tiles_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
+    accum_shape = (params.num_heads * tiles_per_head * BACKWARD_BLOCK * params.head_dim,) if main.dq_name else q.shape
+    dq_accum = torch.zeros(accum_shape, dtype=torch.float32, device=device)
     delta = torch.empty(params.num_heads, params.total_q, dtype=torch.float32, device=device)
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
-    main = _backward_kernel(params, grad_out)
     delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
     plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, true>", device)
     bwd_kernel = loader.kernel(main.family, main.name, device, dynamic_shared_mem=main.shared_mem)
     plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
     packed = kernel_params.pack(params, out, lse)
     plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
-    turns_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
-    turns = (torch.zeros(params.num_heads * turns_per_head, dtype=torch.int32, device=device)
+    turns = (torch.zeros(params.num_heads * tiles_per_head, dtype=torch.int32, device=device)
              if params.deterministic else None)
     grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
                                 0 if grad_lse is None else grad_lse.data_ptr(), 0 if turns is None else turns.data_ptr(),
-                                grad_out.stride(0), grad_out.stride(1), turns_per_head)
+                                grad_out.stride(0), grad_out.stride(1), tiles_per_head)
     stream = loader.current_stream(bwd_kernel)
     rows_per_block = DELTA_THREADS // 32
     loader.launch(delta_kernel, (-(-params.total_q * params.num_heads // rows_per_block),), (DELTA_THREADS,),
@@ -264,4 +271,10 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     tiles_upper_bound = -(-params.total_k // main.block_n) + batch
     loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (main.threads,),
                   loader.Args(packed, *plan_args, grads, *main.tensor_maps), shared_mem=main.shared_mem, stream=stream)
-    return dq_accum.to(q.dtype), dk, dv, None
+    if main.dq_name is None:
+        return dq_accum.to(q.dtype), dk, dv, None
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    loader.launch(loader.kernel(main.family, main.dq_name, device),
+                  (-(-params.total_q * params.num_heads // (DQ_THREADS // 32)),), (DQ_THREADS,),
+                  loader.Args(packed, grads, loader.pointer(dq)), stream=stream)
+    return dq, dk, dv, None
