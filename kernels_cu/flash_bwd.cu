@@ -3,7 +3,7 @@
 //
 // First a preprocess, flash_bwd_delta: delta = rowsum(dO * O) - dLSE per
 // query row and head (dLSE: the gradient reaching the returned lse, if any);
-// one warp per row and head.
+// one warp per row, 16 bytes per lane and head.
 //
 // Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value
 // head, sequence), with K and V resident in shared memory; for every query
@@ -51,18 +51,43 @@ static_assert(BWD_BLOCK == 64, "query_tile_slot counts tiles of 64 query rows");
 
 #define DELTA_THREADS 256
 
+// Sum of the products of 8 pairs of 16-bit values packed in x and y.
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& x, const uint4& y) {
+    const T* a = (const T*)&x;
+    const T* b = (const T*)&y;
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum = fmaf(to_acc(a[e]), to_acc(b[e]), sum);
+    return sum;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(DELTA_THREADS) flash_bwd_delta(const AttnParams p, const BwdParams g) {
-    const long long task = (long long)blockIdx.x * (DELTA_THREADS / 32) + threadIdx.x / 32;  // row * heads + head
-    if (task >= p.total_q * p.heads) return;
-    const long long row = task / p.heads;
-    const int h = (int)(task % p.heads), lane = threadIdx.x % 32;
-    const T* dout = (const T*)g.dout + row * g.dout_row_stride + h * g.dout_head_stride;
-    const T* out = (const T*)p.out + row * p.out_row_stride + h * p.out_head_stride;
-    float sum = 0.f;
-    for (int d = lane; d < p.head_dim_v; d += 32) sum += to_acc(dout[d]) * to_acc(out[d]);
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) g.delta[h * p.total_q + row] = g.dlse == nullptr ? sum : sum - g.dlse[h * p.total_q + row];
+    static_assert(sizeof(T) == 2, "16-byte loads of 8 elements");
+    constexpr int HEADS_AT_ONCE = 4;  // loads in flight per lane before the sums
+    const long long row = (long long)blockIdx.x * (DELTA_THREADS / 32) + threadIdx.x / 32;
+    if (row >= p.total_q) return;
+    const int lane = threadIdx.x % 32;
+    const bool active = 8 * lane < p.head_dim_v;  // head_dim_v <= 256: one 16-byte chunk per lane
+    const T* dout = (const T*)g.dout + row * g.dout_row_stride + 8 * lane;
+    const T* out = (const T*)p.out + row * p.out_row_stride + 8 * lane;
+    for (int h0 = 0; h0 < p.heads; h0 += HEADS_AT_ONCE) {
+        uint4 x[HEADS_AT_ONCE], y[HEADS_AT_ONCE];
+#pragma unroll
+        for (int u = 0; u < HEADS_AT_ONCE; ++u) {
+            const bool load = active && h0 + u < p.heads;
+            x[u] = load ? *(const uint4*)(dout + (h0 + u) * g.dout_head_stride) : make_uint4(0, 0, 0, 0);
+            y[u] = load ? *(const uint4*)(out + (h0 + u) * p.out_head_stride) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < HEADS_AT_ONCE; ++u) {
+            float sum = dot8<T>(x[u], y[u]);
+            for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+            const long long at = (h0 + u) * p.total_q + row;
+            if (lane == 0 && h0 + u < p.heads) g.delta[at] = g.dlse == nullptr ? sum : sum - g.dlse[at];
+        }
+    }
 }
 
 template <int HEAD_DIM>
@@ -201,7 +226,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 for (int e = 0; e < 4; ++e) {
                     const int key = n0 + key_row + 8 * (e / 2), query = m0 + 8 * j + 2 * (lane % 4) + e % 2;
                     const int c = 8 * j + 2 * (lane % 4) + e % 2;
-                    const bool visible = !crosses || pair_visible(p, t, key, query);
+                    const bool visible = !crosses || visible_queries(p, t, key).contains(query);
                     const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c])) : 0.f;
                     s[4 * j + e] = prob;
                     dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);

@@ -87,7 +87,18 @@ __device__ __forceinline__ bool pair_crosses_edge(const AttnParams& p, const Key
         || (p.window_left >= 0 && (long long)n0 - (m0 + BLOCK_M - 1) - t.diagonal < -(long long)p.window_left);
 }
 
-// Whether key `key` and query `query` of the tile's sequence take part.
-__device__ __forceinline__ bool pair_visible(const AttnParams& p, const KeyTile& t, int key, int query) {
-    return key < t.keys.len && query < t.queries.len && key_visible(p, query, key, t.queries.len, t.keys.len);
+// The queries [begin, end) of the tile's sequence that see key `key` (none
+// past the keys' end): an interval, since every mask bounds key - query.
+struct QueryRange {
+    int begin, end;
+    __device__ __forceinline__ bool contains(int query) const { return (query >= begin) & (query < end); }
+};
+
+__device__ __forceinline__ QueryRange visible_queries(const AttnParams& p, const KeyTile& t, int key) {
+    if (key >= t.keys.len) return {0, 0};
+    long long right, begin = 0, end = t.queries.len;
+    if (right_bound(p, right)) begin = max(begin, key - t.diagonal - right);
+    if (p.window_left >= 0) end = min(end, key - t.diagonal + p.window_left + 1);
+    begin = min(begin, end);  // empty where the bounds cross
+    return {(int)begin, (int)end};
 }

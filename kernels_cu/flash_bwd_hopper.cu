@@ -40,7 +40,7 @@
 
 template <int HEAD_DIM>
 struct BwdHopperShared {
-    static constexpr int BLOCK_M = 64, BLOCK_N = 128, CONSUMERS = 256, STAGES = 2;
+    static constexpr int BLOCK_M = 64, BLOCK_N = 128, CONSUMERS = 256, STAGES = 2, DS_BUFFERS = 2;
     static constexpr int ATOMS = HEAD_DIM / 64;  // 64-column swizzle atoms, one copy each
     static constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2, Q_BYTES = BLOCK_M * HEAD_DIM * 2;
     static constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
@@ -48,7 +48,7 @@ struct BwdHopperShared {
     static constexpr int ROWS_BYTES = 2 * BLOCK_M * 4;  // lse and delta of one stage
     // Byte offsets of the regions from base, in this order.
     static constexpr int Q_AT = 2 * KV_BYTES, DOUT_AT = Q_AT + STAGES * Q_BYTES, DS_AT = DOUT_AT + STAGES * Q_BYTES,
-                         DQ_AT = DS_AT + STAGES * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 128 * DQ_BYTES,
+                         DQ_AT = DS_AT + DS_BUFFERS * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 128 * DQ_BYTES,
                          BYTES = ROWS_AT + STAGES * ROWS_BYTES;
     unsigned base, barriers;  // shared-space addresses: the tiles (1024-aligned), the barriers
 
@@ -56,7 +56,7 @@ struct BwdHopperShared {
     __device__ unsigned v() const { return base + KV_BYTES; }
     __device__ unsigned q(int i) const { return base + Q_AT + (i % STAGES) * Q_BYTES; }
     __device__ unsigned dout(int i) const { return base + DOUT_AT + (i % STAGES) * Q_BYTES; }
-    __device__ unsigned ds(int i) const { return base + DS_AT + (i % STAGES) * DS_BYTES; }
+    __device__ unsigned ds(int i) const { return base + DS_AT + (i % DS_BUFFERS) * DS_BYTES; }
     __device__ unsigned dq(int wg) const { return base + DQ_AT + wg * DQ_BYTES; }
     __device__ unsigned rows(int i) const { return base + ROWS_AT + (i % STAGES) * ROWS_BYTES; }
     // Step i (counted from 0) uses stage i % 2; its j-th use of a stage
@@ -164,6 +164,13 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
     const int key_row = 64 * wg + 16 * (warp % 4) + lane / 4;  // this thread's keys: key_row and + 8 of the tile
     const int group = p.heads / p.heads_kv;
     const float scale_log2 = (float)p.scale * LOG2_E, scale = (float)p.scale;
+    const QueryRange seen_by[2] = {visible_queries(p, t, t.n0 + key_row), visible_queries(p, t, t.n0 + key_row + 8)};
+    // Operands of S^T and dP^T for k-step kk: this warpgroup's keys, the tile's queries.
+    const auto key_operand = [](int kk) { return (kk / 4) * S::BLOCK_N * 128 + (kk % 4) * 32; };
+    const unsigned long long k_major_k = wgmma_descriptor(sm.k() + wg * 64 * 128, 16, 1024),
+                             k_major_v = wgmma_descriptor(sm.v() + wg * 64 * 128, 16, 1024),
+                             mn_major_k = wgmma_descriptor(sm.k() + wg * S::BLOCK_N * 128, S::BLOCK_N * 128, 1024);
+    const auto query_operand = [](int kk) { return (kk / 4) * S::BLOCK_M * 128 + (kk % 4) * 32; };
 
     float dk[D_BLOCKS * 4], dv[D_BLOCKS * 4];
 #pragma unroll
@@ -187,38 +194,51 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
             named_barrier_sync(1, S::CONSUMERS);
         }
 
-        // S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x 64 queries,
-        // K-major operands, 16 of head_dim per instruction, 4 per swizzle atom.
+        // S^T = K Q^T, then dP^T = V dO^T, in two groups so that P^T is computed
+        // while dP^T runs: this warpgroup's 64 keys x 64 queries, K-major
+        // operands, 16 of head_dim per instruction, 4 per swizzle atom.
         float s[32], dp[32];
+        const unsigned long long k_major_q = wgmma_descriptor(sm.q(i), 16, 1024),
+                                 k_major_dout = wgmma_descriptor(sm.dout(i), 16, 1024);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            const unsigned keys = (kk / 4) * S::BLOCK_N * 128 + wg * 64 * 128 + (kk % 4) * 32;
-            const unsigned queries = (kk / 4) * S::BLOCK_M * 128 + (kk % 4) * 32;
-            WgmmaSS<T, 64>::run(s, wgmma_descriptor(sm.k() + keys, 16, 1024),
-                                wgmma_descriptor(sm.q(i) + queries, 16, 1024), kk > 0);
-            WgmmaSS<T, 64>::run(dp, wgmma_descriptor(sm.v() + keys, 16, 1024),
-                                wgmma_descriptor(sm.dout(i) + queries, 16, 1024), kk > 0);
-        }
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            WgmmaSS<T, 64>::run(s, descriptor_plus(k_major_k, key_operand(kk)),
+                                descriptor_plus(k_major_q, query_operand(kk)), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
-        fence_registers(s);
-        fence_registers(dp);
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            WgmmaSS<T, 64>::run(dp, descriptor_plus(k_major_v, key_operand(kk)),
+                                descriptor_plus(k_major_dout, query_operand(kk)), kk > 0);
+        wgmma_commit();
 
-        // P^T and dS^T; masked elements become 0 (element masks only where the
-        // pair of tiles crosses a mask edge or a sequence's end).
+        // P^T while dP^T runs (K and Q rows past the ends are zeros: finite),
+        // then dS^T; masked elements of both become 0 (element masks only where
+        // the pair of tiles crosses a mask edge or a sequence's end; dP^T may
+        // be NaN there: V rows past the end).
+        const float* rows = (const float*)__cvta_shared_to_generic(sm.rows(i));  // lse, then delta
+        float2 lse[8];  // loaded before the wait: the tensor cores' operand reads keep shared memory busy
+#pragma unroll
+        for (int j = 0; j < 8; ++j) lse[j] = *(const float2*)(rows + 8 * j + 2 * (lane % 4));
+        wgmma_wait<1>();
+        fence_registers(s);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? lse[j].y : lse[j].x)));
+        wgmma_wait<0>();
+        fence_registers(dp);
         const bool crosses = pair_crosses_edge<64, 64>(p, t, t.n0 + 64 * wg, m0);
-        const float* lse = (const float*)__cvta_shared_to_generic(sm.rows(i));
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const int c = 8 * j + 2 * (lane % 4);
-            const float2 l = *(const float2*)(lse + c), d = *(const float2*)(lse + S::BLOCK_M + c);
+            const float2 d = *(const float2*)(rows + S::BLOCK_M + c);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const bool visible = !crosses || pair_visible(p, t, t.n0 + key_row + 8 * (e / 2), m0 + c + e % 2);
-                const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? l.y : l.x))) : 0.f;
-                dp[4 * j + e] = visible ? prob * (dp[4 * j + e] - (e % 2 ? d.y : d.x)) : 0.f;
-                s[4 * j + e] = prob;
+                const bool visible = !crosses || seen_by[e / 2].contains(m0 + c + e % 2);
+                dp[4 * j + e] = visible ? s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? d.y : d.x)) : 0.f;
+                s[4 * j + e] = visible ? s[4 * j + e] : 0.f;
             }
         }
         unsigned pt[4][4], dst[4][4];  // P^T and dS^T as A operands, 16 queries each
@@ -229,13 +249,15 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         }
         // dV += P^T dO and dK += dS^T Q: dO and Q read MN-major (16 query rows,
         // two 8-row groups of 1024 bytes, per instruction).
+        const unsigned long long mn_major_q = wgmma_descriptor(sm.q(i), S::BLOCK_M * 128, 1024),
+                                 mn_major_dout = wgmma_descriptor(sm.dout(i), S::BLOCK_M * 128, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(dv, pt[kk], wgmma_descriptor(sm.dout(i) + kk * 2048, S::BLOCK_M * 128, 1024));
+            WgmmaRS<T, HEAD_DIM>::run(dv, pt[kk], descriptor_plus(mn_major_dout, kk * 2048));
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], wgmma_descriptor(sm.q(i) + kk * 2048, S::BLOCK_M * 128, 1024));
+            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], descriptor_plus(mn_major_q, kk * 2048));
         wgmma_commit();
 
         // dS^T -> shared memory: rows = the tile's 128 keys, 64 queries (one
@@ -254,11 +276,11 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
 
         // dQ (64 queries x this warpgroup's half of head_dim) = dS K over all
         // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom wg.
+        const unsigned long long mn_major_ds = wgmma_descriptor(sm.ds(i), S::BLOCK_N * 128, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < S::BLOCK_N / 16; ++kk)
-            WgmmaSS<T, 64, true>::run(s, wgmma_descriptor(sm.ds(i) + kk * 2048, S::BLOCK_N * 128, 1024),
-                                      wgmma_descriptor(sm.k() + wg * S::BLOCK_N * 128 + kk * 2048, S::BLOCK_N * 128, 1024),
+            WgmmaSS<T, 64, true>::run(s, descriptor_plus(mn_major_ds, kk * 2048), descriptor_plus(mn_major_k, kk * 2048),
                                       kk > 0);
         wgmma_commit();
         wgmma_wait<1>();  // dV and dK are done: Q and dO are free
@@ -340,23 +362,37 @@ flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
     }
 }
 
-// dQ from the accumulator, in the inputs' dtype: one warp per query row and
-// head, 4 columns per lane; rows in no sequence, or past seqused, get 0.
+// dQ from the accumulator, in the inputs' dtype: one warp per query row, 4
+// columns per lane, heads HEADS_AT_ONCE at a time (loads in flight); rows in
+// no sequence, or past seqused, get 0.
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_hopper_dq(const AttnParams p, const BwdParams g, void* dq) {
     static_assert(sizeof(T) == 2, "bf16 or fp16");
-    const long long task = (long long)blockIdx.x * 8 + threadIdx.x / 32;  // row * heads + head
-    if (task >= p.total_q * p.heads) return;
-    const long long row = task / p.heads;
-    const int h = (int)(task % p.heads), lane = threadIdx.x % 32;
+    constexpr int HEADS_AT_ONCE = 4;
+    const long long row = (long long)blockIdx.x * 8 + threadIdx.x / 32;
+    if (row >= p.total_q) return;
+    const int lane = threadIdx.x % 32;
     const int b = sequence_of(p.cu_seqlens_q, p.batch, row);
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    long long slot = -1;  // the row's query-tile slot, if it has one
+    int r = 0;            // and its row there
     if (b >= 0) {
         const SeqSpan queries = query_span(p, b);
-        const long long r = row - queries.start;
-        if (r >= 0 && r < queries.len)
-            x = *(const float4*)(g.dq_accum + DqAccum::block(g, h, query_tile_slot(queries, b, (int)(r / 64)), lane / 16)
-                                 + DqAccum::offset((int)(r % 64), 4 * (lane % 16)));
+        if (row - queries.start < queries.len) {
+            slot = query_tile_slot(queries, b, (int)((row - queries.start) / 64));
+            r = (int)((row - queries.start) % 64);
+        }
     }
-    *(uint2*)((T*)dq + task * 128 + 4 * lane) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
+    const float* accum = g.dq_accum + DqAccum::offset(r, 4 * (lane % 16));
+    T* out = (T*)dq + row * p.heads * 128 + 4 * lane;
+    for (int h0 = 0; h0 < p.heads; h0 += HEADS_AT_ONCE) {
+        float4 x[HEADS_AT_ONCE];
+#pragma unroll
+        for (int u = 0; u < HEADS_AT_ONCE; ++u)
+            x[u] = slot >= 0 && h0 + u < p.heads ? *(const float4*)(accum + DqAccum::block(g, h0 + u, slot, lane / 16))
+                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < HEADS_AT_ONCE; ++u)
+            if (h0 + u < p.heads)
+                *(uint2*)(out + (h0 + u) * 128) = make_uint2(pack2<T>(x[u].x, x[u].y), pack2<T>(x[u].z, x[u].w));
+    }
 }

@@ -23,6 +23,12 @@ __device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned address,
          | (1ull << 62);
 }
 
+// The descriptor of the operand `bytes` (a multiple of 16) past the one that
+// d describes, in the same layout: the start address is d's low bits.
+__device__ __forceinline__ unsigned long long descriptor_plus(unsigned long long d, unsigned bytes) {
+    return d + (bytes >> 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Wait until at most PENDING committed groups are still running.

@@ -183,7 +183,7 @@ loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t 
                                             for d in HOPPER_BACKWARD_HEAD_DIMS]
                        + [f"flash_bwd_hopper_dq<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, true>"])
-DQ_THREADS = 256  # flash_bwd_hopper_dq: a warp per query row and head
+DQ_THREADS = 256  # flash_bwd_hopper_dq: a warp per query row
 
 
 def backward_shared_mem(head_dim: int) -> int:
@@ -265,7 +265,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
                                 grad_out.stride(0), grad_out.stride(1), tiles_per_head)
     stream = loader.current_stream(bwd_kernel)
     rows_per_block = DELTA_THREADS // 32
-    loader.launch(delta_kernel, (-(-params.total_q * params.num_heads // rows_per_block),), (DELTA_THREADS,),
+    loader.launch(delta_kernel, (-(-params.total_q // rows_per_block),), (DELTA_THREADS,),
                   loader.Args(packed, grads), stream=stream)
     loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args), stream=stream)
     tiles_upper_bound = -(-params.total_k // main.block_n) + batch
@@ -275,6 +275,6 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
         return dq_accum.to(q.dtype), dk, dv, None
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     loader.launch(loader.kernel(main.family, main.dq_name, device),
-                  (-(-params.total_q * params.num_heads // (DQ_THREADS // 32)),), (DQ_THREADS,),
+                  (-(-params.total_q // (DQ_THREADS // 32)),), (DQ_THREADS,),
                   loader.Args(packed, grads, loader.pointer(dq)), stream=stream)
     return dq, dk, dv, None
