@@ -247,17 +247,14 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
             p_fragment<T, 8>(s, kk, pt[kk]);
             p_fragment<T, 8>(dp, kk, dst[kk]);
         }
-        // dV += P^T dO and dK += dS^T Q: dO and Q read MN-major (16 query rows,
-        // two 8-row groups of 1024 bytes, per instruction).
+        // dV += P^T dO (dO read MN-major: 16 query rows, two 8-row groups of
+        // 1024 bytes, per instruction), running while dS^T is stored.
         const unsigned long long mn_major_q = wgmma_descriptor(sm.q(i), S::BLOCK_M * 128, 1024),
                                  mn_major_dout = wgmma_descriptor(sm.dout(i), S::BLOCK_M * 128, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
             WgmmaRS<T, HEAD_DIM>::run(dv, pt[kk], descriptor_plus(mn_major_dout, kk * 2048));
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], descriptor_plus(mn_major_q, kk * 2048));
         wgmma_commit();
 
         // dS^T -> shared memory: rows = the tile's 128 keys, 64 queries (one
@@ -275,7 +272,8 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         named_barrier_sync(2, S::CONSUMERS);  // both halves of dS^T are in place
 
         // dQ (64 queries x this warpgroup's half of head_dim) = dS K over all
-        // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom wg.
+        // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom
+        // wg. Then dK += dS^T Q, which runs while dQ is staged.
         const unsigned long long mn_major_ds = wgmma_descriptor(sm.ds(i), S::BLOCK_N * 128, 1024);
         wgmma_fence();
 #pragma unroll
@@ -283,13 +281,13 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
             WgmmaSS<T, 64, true>::run(s, descriptor_plus(mn_major_ds, kk * 2048), descriptor_plus(mn_major_k, kk * 2048),
                                       kk > 0);
         wgmma_commit();
-        wgmma_wait<1>();  // dV and dK are done: Q and dO are free
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], descriptor_plus(mn_major_q, kk * 2048));
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ are done
         fence_registers(pt);
-        fence_registers(dst);
         fence_registers(dv);
-        fence_registers(dk);
-        if (lane == 0) mbarrier_arrive(sm.stage_free(i));
-        wgmma_wait<0>();
         fence_registers(s);
 
         // This warpgroup's half of dQ, staged in DqAccum's block layout, then
@@ -307,6 +305,10 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         if (threadIdx.x % 128 == 0)
             bulk_reduce_add_f32(g.dq_accum + DqAccum::block(g, h, query_tile_slot(t.queries, t.b, m0 / S::BLOCK_M), wg),
                                 sm.dq(wg), S::DQ_BYTES);
+        wgmma_wait<0>();  // dK is done: Q and dO are free
+        fence_registers(dst);
+        fence_registers(dk);
+        if (lane == 0) mbarrier_arrive(sm.stage_free(i));
     }
     if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 

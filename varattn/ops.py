@@ -20,12 +20,13 @@ from . import dispatch
 from .backends import Backend
 from .params import AttentionParams
 
-# What describes a call besides the tensors the backward gets back as saved tensors.
+# What describes a call besides the tensors the backward gets back as saved
+# tensors. The scalars travel in two lists: torch's autograd wrapper walks the
+# schema's arguments at every call in time quadratic in their number.
 _CALL = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, "
-         "Tensor? seqused_k, Tensor? attn_bias, int max_seqlen_q, int max_seqlen_k, bool causal, bool lower_right, "
-         "int window_left, int window_right, float scale, float dropout_p, bool needs_grad, bool deterministic, "
-         "str[] backends")
+         "Tensor? seqused_k, Tensor? attn_bias, int[] options, float[] scale_and_dropout, str[] backends")
 _TENSORS = 8  # the leading Tensor arguments of _CALL
+# options: max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic
 
 _library = torch.library.Library("varattn", "DEF")
 _library.define(f"attention({_CALL}) -> (Tensor, Tensor)")
@@ -35,21 +36,22 @@ _library.define(f"attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor o
 
 def call_args(params: AttentionParams) -> tuple:
     """The _CALL arguments of `params`, with the backends use_backends allows now."""
+    options = [params.max_seqlen_q, params.max_seqlen_k, int(params.causal), int(params.causal_align == "lower_right"),
+               *params.window, int(params.requires_grad), int(params.deterministic)]
     return (params.q, params.k, params.v, params.cu_seqlens_q, params.cu_seqlens_k, params.seqused_q,
-            params.seqused_k, params.attn_bias, params.max_seqlen_q, params.max_seqlen_k, params.causal,
-            params.causal_align == "lower_right", *params.window, params.scale, params.dropout_p,
-            params.requires_grad, params.deterministic, dispatch.allowed_names())
+            params.seqused_k, params.attn_bias, options, [params.scale, params.dropout_p], dispatch.allowed_names())
 
 
-def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias, max_seqlen_q, max_seqlen_k,
-            causal, lower_right, window_left, window_right, scale, dropout_p, needs_grad, deterministic, backends):
+def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias, options, scale_and_dropout, backends):
     """(AttentionParams, allowed backends) of _CALL arguments, checked when the front end built them."""
+    max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic = options
+    scale, dropout_p = scale_and_dropout
     params = AttentionParams(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
+        seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=bool(causal),
         causal_align="lower_right" if lower_right else "upper_left", window=(window_left, window_right),
-        scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, return_lse=True, requires_grad=needs_grad,
-        deterministic=deterministic)
+        scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, return_lse=True, requires_grad=bool(needs_grad),
+        deterministic=bool(deterministic))
     return params, frozenset(Backend(b) for b in backends)
 
 
