@@ -31,6 +31,9 @@
 // The grid and its order come from flash_plan over key tiles (longest
 // sequences first), as in the forward.
 //
+// On Hopper at head_dim 128 (default mode) flash_bwd_hopper.cu replaces the
+// main pass; the preprocess serves both.
+//
 // Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
 // 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a, default mode):
@@ -304,7 +307,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 for (int j = 0; j < D_BLOCKS; ++j)
                     *(float2*)(staged + (lane / 4 + 8 * r) * (HEAD_DIM + 8) + 8 * j + 2 * (lane % 4)) =
                         make_float2(dq[4 * j + 2 * r] * (float)p.scale, dq[4 * j + 2 * r + 1] * (float)p.scale);
-            fence_shared_for_async_proxy();
+            fence_proxy_async();
             __syncwarp();
             if (lane < 16 && m0 + warp * 16 + lane < queries.len)
                 bulk_reduce_add_f32(dq_rows + lane * dq_row_stride, smem_address(staged + lane * (HEAD_DIM + 8)),

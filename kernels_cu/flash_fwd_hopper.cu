@@ -179,9 +179,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         // Only the last tile can have such rows; they become zeros first.
         const int valid = t.keys.len - (t.first_tile + last) * BLOCK_N;
         if (valid < BLOCK_N) {
-            unsigned char* tile = (unsigned char*)__cvta_shared_to_generic(sm.v(last));
-            for (int c = threadIdx.x; c < S::ATOMS * BLOCK_N * 8; c += S::CONSUMERS)
-                if ((c / 8) % BLOCK_N >= valid) ((unsigned long long*)(tile + 16 * c))[0] = ((unsigned long long*)(tile + 16 * c))[1] = 0;
+            zero_rows_from<BLOCK_N, S::ATOMS, S::CONSUMERS>(sm.v(last), valid);
             fence_proxy_async();
             named_barrier_sync(1, S::CONSUMERS);
         }

@@ -61,14 +61,15 @@ __device__ __forceinline__ void set_max_registers_dec() { asm volatile("setmaxnr
 template <int REGISTERS>
 __device__ __forceinline__ void set_max_registers_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGISTERS)); }
 
+// Shared memory written through the generic proxy (stores, cp.async) before
+// the async proxy reads it: the tensor cores (wgmma) or the copy engine.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 // Bulk reductions (sm_90): `bytes` (a multiple of 16, both addresses 16-byte
 // aligned) of float32 in shared memory added to global memory by the copy
 // engine, in one instruction from one thread. Shared memory written by
 // ordinary stores must be fenced for the async proxy first; it may be
 // reused once bulk_wait_read<0>() returns in the issuing thread.
-__device__ __forceinline__ void fence_shared_for_async_proxy() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 __device__ __forceinline__ void bulk_reduce_add_f32(float* global, unsigned shared, unsigned bytes) {
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
                  :: "l"(global), "r"(shared), "r"(bytes) : "memory");

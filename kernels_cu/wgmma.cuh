@@ -13,6 +13,8 @@
 // [4 j + 2 r + c]. An A operand in registers has mma.sync's m16k16 layout.
 #pragma once
 #include "dtypes.cuh"
+// tma.cuh: fence_proxy_async, before wgmma reads operands that stores wrote
+#include "tma.cuh"
 
 // A shared-memory matrix descriptor for the 128-byte swizzle.
 __device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned address, unsigned leading_bytes,
@@ -21,6 +23,17 @@ __device__ __forceinline__ unsigned long long wgmma_descriptor(unsigned address,
          | ((unsigned long long)(leading_bytes >> 4) << 16)
          | ((unsigned long long)(stride_bytes >> 4) << 32)
          | (1ull << 62);
+}
+
+// Zeroes rows [valid, ROWS) of a swizzled tile of ATOMS atoms of ROWS rows,
+// the first THREADS threads of the CTA sharing the work (a row's chunks are
+// permuted within the row, so whole rows stay whole). The tensor cores see
+// the zeros after fence_proxy_async and a barrier.
+template <int ROWS, int ATOMS, int THREADS>
+__device__ __forceinline__ void zero_rows_from(unsigned tile, int valid) {
+    unsigned char* bytes = (unsigned char*)__cvta_shared_to_generic(tile);
+    for (int c = threadIdx.x; c < ATOMS * ROWS * 8; c += THREADS)
+        if ((c / 8) % ROWS >= valid) *(uint4*)(bytes + 16 * c) = make_uint4(0, 0, 0, 0);
 }
 
 // The descriptor of the operand `bytes` (a multiple of 16) past the one that
@@ -34,9 +47,6 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 // Wait until at most PENDING committed groups are still running.
 template <int PENDING>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(PENDING) : "memory"); }
-// Shared memory written through the generic proxy (cp.async, stores) before the
-// tensor cores read it through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Ties accumulator registers to this point, so that nothing reads them
 // between an asynchronous wgmma and the wait for it.

@@ -23,10 +23,19 @@ def finite(lse):
     return torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
 
 
+def poison_past(x, cu_seqlens, used):
+    """x with its rows past each sequence's `used` length set to NaN: no kernel may read them."""
+    x = x.detach().clone()
+    for start, end, n in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), used.tolist()):
+        x[start + n:end] = math.nan
+    return x
+
+
 def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch=6, longest=19, bias=False,
-                seqused=False, with_lse=True, **options):
+                seqused=False, poison=False, with_lse=True, deterministic=False, **options):
     """Gradients of q, k, v (and an additive bias) through varlen_attention,
-    out and lse both in the loss, against the reference's autograd."""
+    out and lse both in the loss, against the reference's autograd. With
+    `poison`, the rows past seqused of q, k, v and the output gradient are NaN."""
     heads_q, heads_kv = heads
     lengths_q = reference.lengths(gen, batch, longest)
     lengths_k = reference.lengths(gen, batch, longest + 5)
@@ -36,15 +45,19 @@ def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch
     if seqused:
         used = dict(seqused_q=torch.tensor([n // 2 for n in lengths_q], dtype=torch.int32, device=device),
                     seqused_k=torch.tensor([(n + 1) // 2 for n in lengths_k], dtype=torch.int32, device=device))
+    grad_out = reference.randn(gen, q.shape[0], heads_q, head_dim, dtype=dtype, device=device)
+    if poison:
+        q, grad_out = (poison_past(x, cu_q, used["seqused_q"]) for x in (q, grad_out))
+        k, v = (poison_past(x, cu_k, used["seqused_k"]) for x in (k, v))
     leaves = [q, k, v]
     if bias:  # broadcast over the batch: its gradient sums over the sequences
         leaves.append(reference.randn(gen, 1, heads_q, max(lengths_q) + 2, max(lengths_k), dtype=dtype, device=device))
     leaves = [x.requires_grad_() for x in leaves]
-    grad_out = reference.randn(gen, q.shape[0], heads_q, head_dim, dtype=dtype, device=device)
     grad_lse = reference.randn(gen, heads_q, q.shape[0], dtype=torch.float64)
     with varattn.use_backends(backend):
         out, lse = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, max(lengths_q), max(lengths_k),
-                                            attn_bias=leaves[3] if bias else None, return_lse=True, **used, **options)
+                                            attn_bias=leaves[3] if bias else None, return_lse=True,
+                                            deterministic=deterministic, **used, **options)
     loss = (out.double() * grad_out.double()).sum() + (finite(lse).double().cpu() * grad_lse).sum() * with_lse
     loss.backward()
 
@@ -94,6 +107,23 @@ def test_flash(gen, dtype, head_dim, mask):
 def test_flash_seqused_and_long_sequences(gen, head_dim):
     check_grads(gen, torch.bfloat16, "cuda", "flash", heads=(8, 2), head_dim=head_dim, batch=4, longest=1500,
                 seqused=True, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", flash.BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flash_rows_past_seqused_are_never_read(gen, head_dim, deterministic, causal):
+    check_grads(gen, torch.bfloat16, "cuda", "flash", heads=(4, 2), head_dim=head_dim, batch=5, longest=200,
+                seqused=True, poison=True, causal=causal, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", flash.BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("mask", FLASH_MASKS[:3], ids=str)
+def test_flash_deterministic_matches_reference(gen, head_dim, mask):
+    check_grads(gen, torch.float16, "cuda", "flash", heads=(6, 2), head_dim=head_dim, batch=6, longest=200,
+                deterministic=True, **mask)
 
 
 # ---------------------------------------------------------------------------
