@@ -11,10 +11,13 @@ import torch
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_q=None, seqused_k=None, causal=False,
-              causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None):
+              causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None, dropout_p=0.0,
+              dropout_keep=None):
     """(out (total_q, H, Dv), lse (H, total_q)) in float64; rows outside every
     sequence and rows that see no key: out 0, lse -inf. Differentiable: float64
-    leaves that require grad get their gradients by autograd."""
+    leaves that require grad get their gradients by autograd. With dropout,
+    dropout_keep (B, H, Lq_max, Lk_max) bool says which probabilities stay
+    (scaled by 1 / (1 - dropout_p)); lse is of the probabilities before it."""
     q, k, v = (x.cpu().double() for x in (q, k, v))
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     used_q = None if seqused_q is None else seqused_q.tolist()
@@ -56,6 +59,8 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_q=None, seqused_k=
         row_lse = torch.where(seen, torch.logsumexp(scores, -1), torch.tensor(-math.inf, dtype=torch.float64))
         probs = torch.where(seen[..., None], torch.softmax(scores, -1), torch.zeros((), dtype=torch.float64))
         probs = probs.nan_to_num(0.0)
+        if dropout_keep is not None:
+            probs = probs * dropout_keep[b, :, :len_q, :len_k].double() / (1 - dropout_p)
         out[start_q:start_q + len_q] = (probs @ vb).transpose(0, 1)
         lse[:, start_q:start_q + len_q] = row_lse
     return out, lse

@@ -50,9 +50,10 @@ def test_use_backends_bad_name():
             pass
 
 
-def test_dropout_declined_with_reason(gen):
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        varattn.varlen_attention(*small(gen), dropout_p=0.2)
+def test_dropout_goes_to_math_on_the_cpu_with_reasons(gen):
+    explanation = varattn.explain(*small(gen), dropout_p=0.2)
+    assert explanation.chosen == Backend.MATH
+    assert any("dropout_p" in why for why in explanation.reasons[Backend.FLASH])
 
 
 def test_device_checks_toggle():

@@ -230,10 +230,13 @@ def test_sdpa_nested(gen, layout):
         assert reference.relative_error(got, expected) <= 1e-10
 
 
-def test_sdpa_dropout_is_not_implemented(gen):
+def test_sdpa_dropout_follows_the_seed(gen):
     q = reference.randn(gen, 1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        varattn.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(varattn.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 def test_sdpa_mask_and_is_causal_are_exclusive(gen):

@@ -38,7 +38,10 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
             j <= i, torch's is_causal) or "lower_right" (j <= i + Lk - Lq).
         window: (left, right) sliding window around the same diagonal; -1 = unbounded.
         scale: score scale, default 1/sqrt(D).
-        dropout_p: dropout on the attention weights (no backend supports it yet).
+        dropout_p: dropout on the attention weights, applied whenever it is
+            above 0 (pass 0 outside training); its mask comes from torch's
+            generator (varattn/dropout.py). The math backend on the CPU
+            runs it; CUDA backends decline it for now.
         return_lse: also return the log-sum-exp of each query row's scores
             (differentiable, like the output).
         deterministic: the backward gives the same bits on every run (also

@@ -1,9 +1,9 @@
 """The packed call as torch.library custom ops: autograd and torch.compile.
 
 `varattn::attention` runs the forward of the backend that dispatch picks and
-returns (out, lse); `varattn::attention_backward` runs that backend's
-backward from the saved q, k, v, out, lse, lengths and bias: memory
-O(total tokens), no scores kept. Both ops have fake implementations (shapes
+returns (out, lse, the dropout stream it drew); `varattn::attention_backward`
+runs that backend's backward from the saved q, k, v, out, lse, lengths, bias
+and dropout stream: memory O(total tokens), no scores or masks kept. Both ops have fake implementations (shapes
 only), so torch.compile traces a model through varattn without graph breaks,
 and the gradient formula is registered on the forward op, so eager and
 compiled autograd take one path.
@@ -14,9 +14,11 @@ The backends allowed by `use_backends` at the forward are arguments of both
 ops, so the backward runs on the forward's backend wherever it is called.
 """
 
+import dataclasses
+
 import torch
 
-from . import dispatch
+from . import dispatch, dropout
 from .backends import Backend
 from .params import AttentionParams
 
@@ -29,9 +31,11 @@ _TENSORS = 8  # the leading Tensor arguments of _CALL
 # options: max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic
 
 _library = torch.library.Library("varattn", "DEF")
-_library.define(f"attention({_CALL}) -> (Tensor, Tensor)")
-_library.define(f"attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor out, Tensor lse, bool bias_grad, "
-                f"{_CALL}) -> (Tensor, Tensor, Tensor, Tensor)")
+# Outputs: out, lse and the dropout stream (varattn/dropout.py) as an int64
+# CPU tensor [seed, offset], which the backward gets back.
+_library.define(f"attention({_CALL}) -> (Tensor, Tensor, Tensor)")
+_library.define(f"attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor out, Tensor lse, "
+                f"Tensor dropout_state, bool bias_grad, {_CALL}) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def call_args(params: AttentionParams) -> tuple:
@@ -57,31 +61,44 @@ def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias
 
 def attention(params: AttentionParams):
     """(out, lse) of the call through the op (lse None unless params.return_lse)."""
-    out, lse = torch.ops.varattn.attention(*call_args(params))
+    out, lse, _ = torch.ops.varattn.attention(*call_args(params))
     return out, lse if params.return_lse else None
+
+
+def _state_tensor(params) -> torch.Tensor:
+    seed, offset = params.dropout_state or (0, 0)
+    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed, offset], dtype=torch.int64)  # seed as uint64 bits
 
 
 @torch.library.impl(_library, "attention", "CompositeExplicitAutograd")
 def _attention(*call):
     params, allowed = _params(*call)
-    return dispatch.select(params, allowed).forward(params)
+    backend = dispatch.select(params, allowed)
+    params = dropout.drawn(params)  # only once a backend takes the call: a refused call leaves torch's generator alone
+    out, lse = backend.forward(params)
+    return out, lse, _state_tensor(params)
 
 
 @torch.library.register_fake("varattn::attention")
 def _attention_fake(q, k, v, *rest):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype),
+            torch.empty(2, dtype=torch.int64))
 
 
 @torch.library.impl(_library, "attention_backward", "CompositeExplicitAutograd")
-def _attention_backward(grad_out, grad_lse, out, lse, bias_grad, *call):
+def _attention_backward(grad_out, grad_lse, out, lse, dropout_state, bias_grad, *call):
     params, allowed = _params(*call)
+    if params.dropout_p > 0:
+        seed, offset = dropout_state.tolist()
+        params = dataclasses.replace(params, dropout_state=(seed & (2**64 - 1), offset))
     dq, dk, dv, dbias = dispatch.select(params, allowed).backward(params, out, lse, grad_out, grad_lse, bias_grad)
     return dq, dk, dv, params.q.new_empty(0) if dbias is None else dbias
 
 
 @torch.library.register_fake("varattn::attention_backward")
-def _attention_backward_fake(grad_out, grad_lse, out, lse, bias_grad, q, k, v, cu_q, cu_k, used_q, used_k, bias, *rest):
+def _attention_backward_fake(grad_out, grad_lse, out, lse, dropout_state, bias_grad, q, k, v, cu_q, cu_k, used_q, used_k,
+                             bias, *rest):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
@@ -94,12 +111,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
 
 
-def _backward(ctx, grad_out, grad_lse):
-    *tensors, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_state):
+    *tensors, out, lse, dropout_state = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dbias = torch.ops.varattn.attention_backward(grad_out, grad_lse, out, lse, ctx.bias_grad, *tensors,
-                                                              *ctx.options)
+    dq, dk, dv, dbias = torch.ops.varattn.attention_backward(grad_out, grad_lse, out, lse, dropout_state, ctx.bias_grad,
+                                                              *tensors, *ctx.options)
     return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_grad else None) + (None,) * len(ctx.options)
 
 

@@ -39,6 +39,7 @@ class AttentionParams:
     out: torch.Tensor | None = None        # (total_q, H, D_v) to write into (a backend's prepare() sets it)
     requires_grad: bool = False            # grad mode on and an input requires grad: a backward will follow
     deterministic: bool = False            # the backward must give the same bits on every run
+    dropout_state: tuple[int, int] | None = None  # (seed, offset) of the call's dropout stream (varattn/dropout.py)
 
     @property
     def batch_size(self) -> int:

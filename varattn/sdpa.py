@@ -15,8 +15,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (B, H, j, E) layout, as in the PyTorch SDPA tutorial; attn_mask may also be
     torch.nn.attention.bias.causal_upper_left / causal_lower_right. With
     enable_gqa, key/value may have fewer heads than query. A row that sees no
-    key gives zeros. Arguments no backend can honour yet (dropout_p > 0)
-    raise NotImplementedError naming them.
+    key gives zeros. dropout_p applies as in torch (the caller passes 0
+    outside training); calls no backend can run (dropout on CUDA, for now)
+    raise NotImplementedError naming the reasons.
     """
     causal, align = bool(is_causal), "upper_left"
     if isinstance(attn_mask, CausalBias):

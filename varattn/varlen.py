@@ -27,7 +27,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             with Mq >= max_seqlen_q (or 1) and Mk >= max_seqlen_k (or 1): bool
             (True = take part) or additive of q's dtype; element [b, h, i, j]
             applies to query i and key j of sequence b.
-        dropout_p: dropout on the attention weights (no backend supports it yet).
+        dropout_p: dropout on the attention weights, applied whenever it is
+            above 0 (pass 0 outside training); its mask comes from torch's
+            generator (varattn/dropout.py). The math backend on the CPU
+            runs it; CUDA backends decline it for now.
         seqused_q, seqused_k: (B,) int32: sequence b uses only the first
             seqused[b] rows of its slot (padding or holes after it). Output rows
             outside every sequence are zero.

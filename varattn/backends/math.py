@@ -1,7 +1,7 @@
 """The math backend: the reference and the fallback, on CPU (torch ops) and CUDA (kernels_cu/math.cu).
 
 It takes every dtype including fp64 and every feature the packed form has,
-forward and backward (deterministic: no atomics);
+forward and backward (deterministic: no atomics), dropout on the CPU only;
 it materialises scores for a chunk of query rows at a time within
 WORKSPACE_BYTES, so memory stays bounded whatever the batch.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .. import checks, loader
+from .. import checks, dropout, loader
 from . import capabilities, math_cpu, math_cuda
 
 CAPABILITIES = capabilities.Capabilities(
@@ -18,6 +18,7 @@ CAPABILITIES = capabilities.Capabilities(
     dtypes=checks.SUPPORTED_DTYPES,
     max_head_dim=512,
     bias=True,
+    dropout=True,  # on the CPU (reasons() says so for CUDA)
     window=True,
     head_dim_v_differs=True,
     backward=True,
@@ -35,6 +36,8 @@ def reasons(params) -> list[str]:
             found.append(missing)
         if params.num_heads > 65535:
             found.append(f"{params.num_heads} heads > 65535 (one grid dimension per head)")
+        if params.dropout_p > 0:
+            found.append("dropout_p > 0 runs on the CPU only (the CUDA kernels have no dropout)")
     return found
 
 
@@ -45,6 +48,7 @@ def rows_per_chunk(params, matrices: int = 1) -> int:
 
 
 def forward(params):
+    params = dropout.drawn(params)
     return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))
 
 

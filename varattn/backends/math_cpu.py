@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import dropout
+
 
 def _spans(cu_seqlens, seqused):
     starts = cu_seqlens[:-1].tolist()
@@ -62,6 +64,16 @@ def _scores(params, b: int, first: int, len_q: int, q, k) -> torch.Tensor:
     return scores.masked_fill(~keep, float("-inf"))
 
 
+def _kept(params, at: slice, len_k: int):
+    """(H_kv, G, r, Lk) factors of the dropped-out probabilities of packed
+    rows `at`: 0 where dropped, 1 / (1 - p) where kept; None without dropout."""
+    if params.dropout_p == 0:
+        return None
+    keep = dropout.keep(params.dropout_state, params.dropout_p, params.num_heads, torch.arange(at.start, at.stop), len_k)
+    factors = keep.to(params.lse_dtype) / (1 - params.dropout_p)
+    return factors.view(params.num_heads_kv, params.num_heads // params.num_heads_kv, *factors.shape[1:])
+
+
 def _chunks(start_q: int, len_q: int, chunk: int):
     """(first row in the sequence, its rows in the packed tensors) of each chunk."""
     for first in range(0, len_q, chunk):
@@ -81,6 +93,9 @@ def forward(params, chunk: int):
             exps = torch.exp(scores - row_max.nan_to_num(neginf=0.0))          # a row that sees nothing: all 0
             sums = exps.sum(-1, keepdim=True)
             probs = exps / sums.clamp_min(torch.finfo(scores.dtype).tiny)
+            kept = _kept(params, at, len_k)
+            if kept is not None:
+                probs = probs * kept
             out[at] = (probs @ v).permute(2, 0, 1, 3).reshape(rows, heads, -1).to(out.dtype)
             lse[:, at] = (row_max + sums.log()).reshape(heads, rows)
     return out, lse
@@ -113,8 +128,12 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool, chunk: int):
             delta = (d_out * _by_group(params, out[at])).sum(-1, keepdim=True)    # rowsum(dO * O)
             if grad_lse is not None:
                 delta = delta - grad_lse[:, at].to(acc).reshape(heads_kv, -1, rows, 1)
-            d_scores = probs * (d_out @ v.transpose(-1, -2) - delta)              # dS = P * (dP - delta)
-            dv_seq += (probs.transpose(-1, -2) @ d_out).sum(1)
+            d_probs = d_out @ v.transpose(-1, -2)                                 # dP of the probabilities V met
+            kept = _kept(params, at, len_k)
+            if kept is not None:                                                  # dropout: those were P * kept
+                d_probs = d_probs * kept
+            d_scores = probs * (d_probs - delta)                                  # dS = P * (dP - delta)
+            dv_seq += ((probs if kept is None else probs * kept).transpose(-1, -2) @ d_out).sum(1)
             dk_seq += (d_scores.transpose(-1, -2) @ q).sum(1) * params.scale
             dq[at] = ((d_scores @ k) * params.scale).permute(2, 0, 1, 3).reshape(rows, heads, -1).to(dq.dtype)
             if dbias is not None:
