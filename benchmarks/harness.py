@@ -1,7 +1,8 @@
 """How every suite times its comparators: the device synchronised inside the
 timed call, warm-up outside it (compiles, then a quarter of the budget so that
 clocks settle), rounds sized to a time budget, and
-TFLOP/s (TB/s for decode) recorded in extra_info.
+TFLOP/s (TB/s for decode) and, on CUDA, the peak memory of one call recorded
+in extra_info.
 
 Training suites time forward + backward (autograd from q, k, v to a random
 output gradient, the leaves' gradients cleared before each step as an
@@ -21,6 +22,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-nested", "torch-padded", "flex"]
 # Forward + backward: the math backend and padded torch SDPA would take seconds per call there.
 TRAINING_COMPARATORS = ["varattn-flash", "torch-nested", "flex"]
+# Masked workloads (Workload.mask), forward and forward + backward: varattn as dispatch
+# chooses, against torch SDPA on the padded batch with the same mask.
+MASKED_COMPARATORS = {"key_padding": ["varattn", "torch-padded"], "blocks": ["varattn", "torch-efficient"]}
 BACKWARD_FLOPS = 2.5  # times the forward's
 
 
@@ -61,17 +65,52 @@ def _varattn(inputs, backend):
     return run
 
 
+def _masked_varattn(inputs, leaves=None):
+    """varattn on a masked workload, as a user holding that batch calls it:
+    the padded batch and its key_padding_mask, or the packed batch and the
+    block mask in padded form. `leaves`: the tensors to call it on (padded or
+    packed as the workload needs), default the inputs'."""
+    w = inputs.workload
+    if w.mask == "key_padding":
+        q, k, v = leaves or inputs.padded()[:3]
+        key_padding_mask = inputs.key_padding_mask()
+        return lambda: varattn.attention(q, k, v, key_padding_mask=key_padding_mask)
+    q, k, v = leaves or (inputs.q, inputs.k, inputs.v)
+    mask = inputs.block_mask()
+    args = (q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
+    return lambda: varattn.varlen_attention(*args, attn_bias=mask)
+
+
+def _torch_padded(inputs, leaves=None, backend=None):
+    """torch SDPA on the padded batch and its mask (one SDPA backend, or torch's choice)."""
+    q, k, v, mask = inputs.padded()
+    if leaves:
+        q, k, v = leaves
+    if backend is None:
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention import sdpa_kernel
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return run
+
+
 def comparator(inputs, name):
     """The callable timed for comparator `name` on these inputs (or pytest.skip)."""
     w = inputs.workload
+    if name == "varattn":
+        return _masked_varattn(inputs)
+    if name == "torch-efficient":
+        from torch.nn.attention import SDPBackend
+        return _torch_padded(inputs, backend=SDPBackend.EFFICIENT_ATTENTION)
     if name.startswith("varattn-"):
         return _varattn(inputs, varattn.Backend(name[len("varattn-"):]))
     if name == "torch-nested":
         q, k, v = inputs.nested(torch.strided if w.name == "W5" else torch.jagged)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
     if name == "torch-padded":
-        q, k, v, mask = inputs.padded()
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return _torch_padded(inputs)
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
         q, k, v, block_mask = inputs.flex()
@@ -99,6 +138,17 @@ def training_comparator(inputs, name):
     w = inputs.workload
     generator = torch.Generator().manual_seed(1)
     grad_out = torch.randn(inputs.q.shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
+    if w.mask != "document":
+        padded = name != "varattn" or w.mask == "key_padding"
+        leaves = _with_grad(inputs.padded()[:3] if padded else (inputs.q, inputs.k, inputs.v))
+        if padded:
+            grad_out = torch.randn(leaves[0].shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
+        if name == "varattn":
+            forward = _masked_varattn(inputs, leaves)
+        else:
+            from torch.nn.attention import SDPBackend
+            forward = _torch_padded(inputs, leaves, SDPBackend.EFFICIENT_ATTENTION if name == "torch-efficient" else None)
+        return _step(leaves, forward, grad_out)
     if name == "varattn-flash":
         q, k, v = _with_grad((inputs.q, inputs.k, inputs.v))
         args = (q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
@@ -150,6 +200,12 @@ def measure(benchmark, inputs, name, budget_s=1.0, training=False):
     else:
         benchmark.extra_info["tflops"] = w.flops * ((1 + BACKWARD_FLOPS) if training else 1) / median / 1e12
     if DEVICE.type == "cuda":
+        # Peak memory of one call beyond what was allocated before it (inputs, anchors' data).
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         torch.cuda.empty_cache()
 
 
@@ -159,8 +215,10 @@ def suite(name, training=False):
     inputs_cache = {}
     group = WORKLOADS[name].group + (", fwd+bwd" if training else "")
 
+    masked = MASKED_COMPARATORS.get(WORKLOADS[name].mask)
+
     @pytest.mark.benchmark(group=group)
-    @pytest.mark.parametrize("impl", TRAINING_COMPARATORS if training else COMPARATORS)
+    @pytest.mark.parametrize("impl", masked or (TRAINING_COMPARATORS if training else COMPARATORS))
     def test(benchmark, impl):
         if "inputs" not in inputs_cache:
             inputs_cache["inputs"] = inputs_for(name)

@@ -2,9 +2,10 @@
 
     python benchmarks/report.py results.json
 
-One row per workload; per implementation the median time in ms and the rate
-(TFLOP/s, or TB/s for decode); then varattn's best time against the fastest
-anchor (torch NestedTensor SDPA, torch padded + mask, FlexAttention):
+One row per workload; per implementation the median time in ms, the rate
+(TFLOP/s, or TB/s for decode) and the peak memory of one call when measured;
+then varattn's best time against the fastest anchor (torch NestedTensor SDPA,
+torch padded + mask, torch's efficient SDPA backend, FlexAttention):
 "x0.50" means varattn takes half the anchor's time.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-ANCHORS = ("torch-nested", "torch-padded", "flex")
+ANCHORS = ("torch-nested", "torch-padded", "torch-efficient", "flex")
 
 
 def table(results: dict) -> str:
@@ -33,7 +34,8 @@ def table(results: dict) -> str:
                 continue
             r = row[impl]
             rate = f"{r['tbps']:.2f} TB/s" if "tbps" in r else f"{r['tflops']:.0f} TFLOP/s"
-            cells.append(f"{r['median'] * 1e3:.3f} ms ({rate})")
+            memory = f", {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
+            cells.append(f"{r['median'] * 1e3:.3f} ms ({rate}{memory})")
         ours = [r["median"] for i, r in row.items() if i.startswith("varattn")]
         anchors = [r["median"] for i, r in row.items() if i in ANCHORS]
         ratio = f"x{min(ours) / min(anchors):.2f}" if ours and anchors else "–"

@@ -27,6 +27,8 @@ class Workload:
     dtype: torch.dtype
     causal: bool
     decode: bool = False       # report TB/s rather than TFLOP/s
+    mask: str = "document"     # "document": lengths only; "key_padding": a padded batch and its
+                               # key_padding_mask; "blocks": a random boolean mask of 64 x 64 blocks
 
     @property
     def group(self) -> str:
@@ -34,9 +36,13 @@ class Workload:
 
     @property
     def flops(self) -> int:
-        """Real work only: 4 H D sum(pairs), pairs L(L+1)/2 under a causal mask."""
-        pairs = sum(lq * (lq + 1) // 2 if self.causal and lq == lk else lq * lk
-                    for lq, lk in zip(self.lengths_q, self.lengths_k))
+        """Real work only: 4 H D sum(pairs), pairs L(L+1)/2 under a causal mask,
+        the visible pairs under a block mask."""
+        if self.mask == "blocks":
+            pairs = int(sum(visible.sum() for visible in block_masks(self)))
+        else:
+            pairs = sum(lq * (lq + 1) // 2 if self.causal and lq == lk else lq * lk
+                        for lq, lk in zip(self.lengths_q, self.lengths_k))
         return 4 * self.heads * self.head_dim * pairs
 
     @property
@@ -64,12 +70,29 @@ def _long_tail(seed):
     return [rng.randint(16, 256) for _ in range(60)] + [8192, 4096, 4096, 2048]
 
 
-def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, decode=False):
+BLOCK = 64
+
+
+def block_masks(workload, seed=8):
+    """Per sequence, (Lq, Lk) bool (True = take part): each 64 x 64 block kept
+    or masked with probability 1/2, the diagonal blocks always kept so that
+    every query row sees a key."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for lq, lk in zip(workload.lengths_q, workload.lengths_k):
+        blocks_q, blocks_k = -(-lq // BLOCK), -(-lk // BLOCK)
+        kept = torch.rand(blocks_q, blocks_k, generator=generator) < 0.5
+        kept |= torch.eye(blocks_q, blocks_k, dtype=torch.bool)
+        masks.append(kept.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:lq, :lk])
+    return masks
+
+
+def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, decode=False, mask="document"):
     if SMOKE:
         lengths_q = [max(1, n // 16) for n in lengths_q[:4]]
         lengths_k = [max(1, n // 16) for n in lengths_k[:4]]
         heads = min(heads, 2)
-    return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode)
+    return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode, mask)
 
 
 def _decode_keys(seed):
@@ -84,6 +107,12 @@ WORKLOADS = {
     "W4": _make("W4", "long tail, causal", _long_tail(4), _long_tail(4), 16, 128, torch.bfloat16, True),
     "W5": _make("W5", "tutorial NestedTensor, fp16", _tutorial(5), _tutorial(5), 8, 64, torch.float16, False),
     "W6": _make("W6", "decode", [1] * 64, _decode_keys(6), 32, 128, torch.bfloat16, False, decode=True),
+    # W1's batch as users without varattn hold it: padded, with a key_padding_mask
+    "W7": _make("W7", "docs padded + key_padding_mask", _docs(1), _docs(1), 16, 128, torch.bfloat16, False,
+                mask="key_padding"),
+    # W1's batch with an arbitrary mask: half of each sequence's 64 x 64 blocks hidden
+    "W8": _make("W8", "docs, random 64-block mask", _docs(1), _docs(1), 16, 128, torch.bfloat16, False,
+                mask="blocks"),
 }
 
 
@@ -117,8 +146,21 @@ class Inputs:
             return torch.nested.nested_tensor(parts).view(batch, -1, h, d).transpose(1, 2)
         return make(self.q, self.workload.lengths_q), make(self.k, self.workload.lengths_k), make(self.v, self.workload.lengths_k)
 
+    def key_padding_mask(self):
+        """(B, Lk) bool, True at padding (nn.MultiheadAttention's convention)."""
+        lengths_k = torch.tensor(self.workload.lengths_k, device=self.device)
+        return torch.arange(self.max_k, device=self.device)[None, :] >= lengths_k[:, None]
+
+    def block_mask(self):
+        """W8's mask in padded form, (B, 1, max_q, max_k) bool, True = take part."""
+        padded = torch.zeros(len(self.workload.lengths_q), 1, self.max_q, self.max_k, dtype=torch.bool)
+        for b, visible in enumerate(block_masks(self.workload)):
+            padded[b, 0, :visible.shape[0], :visible.shape[1]] = visible
+        return padded.to(self.device)
+
     def padded(self):
-        """(B, H, L, D) padded tensors and the bool mask (True = take part) for torch SDPA."""
+        """(B, H, L, D) padded tensors and the bool mask (True = take part) for
+        torch SDPA: the lengths (and causal) mask, or with a block mask that too."""
         lengths_q = torch.tensor(self.workload.lengths_q, device=self.device)
         lengths_k = torch.tensor(self.workload.lengths_k, device=self.device)
 
@@ -131,6 +173,8 @@ class Inputs:
         mask = (j < lengths_k[:, None, None]) & (i < lengths_q[:, None, None])
         if self.workload.causal:
             mask = mask & (j <= i)
+        if self.workload.mask == "blocks":
+            mask = mask & self.block_mask()[:, 0]
         # a padded query row that sees nothing would give NaN in torch: let it see key 0
         mask = mask | ((j == 0) & ~mask.any(-1, keepdim=True))
         return q, k, v, mask[:, None]
