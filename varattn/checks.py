@@ -100,6 +100,8 @@ def seqused(x, name: str, batch: int, device) -> None:
 
 
 def non_negative_int(x, name: str) -> None:
+    if isinstance(x, torch.SymInt):  # traced by torch.compile (a NestedTensor's max_seqlen): checked when it runs
+        return
     if isinstance(x, bool) or not isinstance(x, int) or x < 0:
         raise ValueError(f"{name} must be a non-negative int, got {x!r}")
 

@@ -106,7 +106,8 @@ def unpack(nt: torch.Tensor, ragged_dim: int, name: str) -> tuple[Ragged, Nested
     in this call (the cached ones may come from a call without grad), so that
     autograd records the way back to it.
     """
-    found = _unpacked.get(nt)
+    tracing = torch.compiler.is_compiling()  # torch.compile traces through the unpacking; no cache then
+    found = None if tracing else _unpacked.get(nt)
     if found is not None and found[0] == ragged_dim:
         ragged, form = found[1], found[2]
         if torch.is_grad_enabled() and nt.requires_grad:
@@ -119,7 +120,8 @@ def unpack(nt: torch.Tensor, ragged_dim: int, name: str) -> tuple[Ragged, Nested
         ragged, form = _unpack_jagged(nt, ragged_dim, name)
     else:
         ragged, form = _unpack_strided(nt, ragged_dim, name)
-    _unpacked[nt] = (ragged_dim, ragged, form)
+    if not tracing:
+        _unpacked[nt] = (ragged_dim, ragged, form)
     return ragged, form
 
 
@@ -147,14 +149,16 @@ def _unpack_jagged(nt, ragged_dim, name):
     values = nt.values().movedim(ragged_dim - 1, 0)
     offsets, lengths = nt.offsets(), nt.lengths()
     max_seqlen = nt._get_max_seqlen()   # cached by torch; computed (a sync) only when it is not
+    if not torch.compiler.is_compiling():
+        max_seqlen = int(max_seqlen)    # traced, it stays symbolic: torch.compile keeps it dynamic
     ragged = Ragged(
         values=values,
         cu_seqlens=offsets.to(torch.int32),
         seqused=None if lengths is None else lengths.to(torch.int32),
-        max_seqlen=int(max_seqlen),
+        max_seqlen=max_seqlen,
     )
     return ragged, NestedForm(jagged=True, ragged_dim=ragged_dim, offsets=offsets, lengths=lengths,
-                              max_seqlen=int(max_seqlen))
+                              max_seqlen=max_seqlen)
 
 
 def _unpack_strided(nt, ragged_dim, name):

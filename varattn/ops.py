@@ -26,7 +26,7 @@ from .params import AttentionParams
 # tensors. The scalars travel in two lists: torch's autograd wrapper walks the
 # schema's arguments at every call in time quadratic in their number.
 _CALL = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, "
-         "Tensor? seqused_k, Tensor? attn_bias, int[] options, float[] scale_and_dropout, str[] backends")
+         "Tensor? seqused_k, Tensor? attn_bias, SymInt[] options, float[] scale_and_dropout, str[] backends")
 _TENSORS = 8  # the leading Tensor arguments of _CALL
 # options: max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic
 

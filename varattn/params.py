@@ -148,7 +148,7 @@ def build_params(
     return AttentionParams(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
-        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
         attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
         requires_grad=requires_grad,
