@@ -66,7 +66,9 @@ def attention(params: AttentionParams):
 
 
 def _state_tensor(params) -> torch.Tensor:
-    seed, offset = params.dropout_state or (0, 0)
+    if params.dropout_state is None:
+        return torch.zeros(2, dtype=torch.int64)
+    seed, offset = params.dropout_state
     return torch.tensor([seed - 2**64 if seed >= 2**63 else seed, offset], dtype=torch.int64)  # seed as uint64 bits
 
 
