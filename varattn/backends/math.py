@@ -41,8 +41,16 @@ def reasons(params) -> list[str]:
     return found
 
 
+# Dropout's Philox words for a chunk (varattn/dropout.py): int64 words, a
+# quarter as many as scores, their temporaries and the stacked words take
+# about six float32 score matrices at once; counted with room to spare.
+DROPOUT_MATRICES = 8
+
+
 def rows_per_chunk(params, matrices: int = 1) -> int:
     """How many query rows' scores fit in the workspace at once, `matrices` score-sized tensors per row."""
+    if params.dropout_p > 0:
+        matrices += DROPOUT_MATRICES
     row_bytes = matrices * params.num_heads * max(params.max_seqlen_k, 1) * params.lse_dtype.itemsize
     return max(1, min(params.total_q, WORKSPACE_BYTES // row_bytes))
 
