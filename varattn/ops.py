@@ -1,17 +1,21 @@
-"""The packed call as torch.library custom ops: autograd and torch.compile.
+"""The packed call with a gradient: torch.library custom ops for
+torch.compile, and an autograd.Function for eager calls.
 
 `varattn::attention` runs the forward of the backend that dispatch picks and
 returns (out, lse, the dropout stream it drew); `varattn::attention_backward`
 runs that backend's backward from the saved q, k, v, out, lse, lengths, bias
-and dropout stream: memory O(total tokens), no scores or masks kept. Both ops have fake implementations (shapes
-only), so torch.compile traces a model through varattn without graph breaks,
-and the gradient formula is registered on the forward op, so eager and
-compiled autograd take one path.
+and dropout stream: memory O(total tokens), no scores or masks kept. Both
+ops have fake implementations (shapes only), so torch.compile traces a model
+through varattn without graph breaks, with the gradient formula registered
+on the forward op. Eager calls take `_EagerAttention`, which runs the same
+forward and backward (`_forward`, `_backward_of`) without the custom-op
+machinery: torch's wrapper costs a few hundred microseconds of host time
+per call, all of it before the forward's kernel is launched.
 
 Only calls that need a gradient, or run under torch.compile, come here:
 `dispatch.run` calls the backend directly otherwise, without the dispatcher.
-The backends allowed by `use_backends` at the forward are arguments of both
-ops, so the backward runs on the forward's backend wherever it is called.
+The backends allowed by `use_backends` at the forward go with the call, so
+the backward runs on the forward's backend wherever it is called.
 """
 
 import dataclasses
@@ -60,9 +64,52 @@ def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias
 
 
 def attention(params: AttentionParams):
-    """(out, lse) of the call through the op (lse None unless params.return_lse)."""
-    out, lse, _ = torch.ops.varattn.attention(*call_args(params))
+    """(out, lse) of the call, differentiable (lse None unless params.return_lse)."""
+    if torch.compiler.is_compiling():
+        out, lse, _ = torch.ops.varattn.attention(*call_args(params))
+    else:
+        out, lse = _EagerAttention.apply(params.q, params.k, params.v, params.attn_bias, params, dispatch.allowed())
     return out, lse if params.return_lse else None
+
+
+def _forward(params, allowed):
+    """(params with its dropout stream, out, lse) from the backend dispatch picks."""
+    backend = dispatch.select(params, allowed)
+    params = dropout.drawn(params)  # only once a backend takes the call: a refused call leaves torch's generator alone
+    out, lse = backend.forward(params)
+    return params, out, lse
+
+
+def _backward_of(params, allowed, out, lse, grad_out, grad_lse, bias_grad: bool):
+    """(dq, dk, dv, dbias or None) of the call whose forward gave out and lse."""
+    if grad_out is None:  # only lse reached the loss
+        grad_out = torch.zeros_like(out)
+    return dispatch.select(params, allowed).backward(params, out, lse, grad_out, grad_lse, bias_grad)
+
+
+def _bias_grad(bias) -> bool:
+    return bias is not None and bias.requires_grad and bias.dtype != torch.bool
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The call's autograd outside torch.compile; the tensors go through
+    save_for_backward, the rest of the params beside them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_bias, params, allowed):
+        params, out, lse = _forward(params, allowed)
+        ctx.save_for_backward(q, k, v, attn_bias, out, lse)
+        ctx.params = dataclasses.replace(params, q=None, k=None, v=None, attn_bias=None, out=None)
+        ctx.allowed, ctx.bias_grad = allowed, _bias_grad(attn_bias)
+        ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, attn_bias, out, lse = ctx.saved_tensors
+        params = dataclasses.replace(ctx.params, q=q, k=k, v=v, attn_bias=attn_bias)
+        dq, dk, dv, dbias = _backward_of(params, ctx.allowed, out, lse, grad_out, grad_lse, ctx.bias_grad)
+        return dq, dk, dv, dbias if ctx.bias_grad else None, None, None
 
 
 def _state_tensor(params) -> torch.Tensor:
@@ -74,10 +121,7 @@ def _state_tensor(params) -> torch.Tensor:
 
 @torch.library.impl(_library, "attention", "CompositeExplicitAutograd")
 def _attention(*call):
-    params, allowed = _params(*call)
-    backend = dispatch.select(params, allowed)
-    params = dropout.drawn(params)  # only once a backend takes the call: a refused call leaves torch's generator alone
-    out, lse = backend.forward(params)
+    params, out, lse = _forward(*_params(*call))
     return out, lse, _state_tensor(params)
 
 
@@ -94,7 +138,7 @@ def _attention_backward(grad_out, grad_lse, out, lse, dropout_state, bias_grad, 
     if params.dropout_p > 0:
         seed, offset = dropout_state.tolist()
         params = dataclasses.replace(params, dropout_state=(seed & (2**64 - 1), offset))
-    dq, dk, dv, dbias = dispatch.select(params, allowed).backward(params, out, lse, grad_out, grad_lse, bias_grad)
+    dq, dk, dv, dbias = _backward_of(params, allowed, out, lse, grad_out, grad_lse, bias_grad)
     return dq, dk, dv, params.q.new_empty(0) if dbias is None else dbias
 
 
@@ -108,14 +152,13 @@ def _attention_backward_fake(grad_out, grad_lse, out, lse, dropout_state, bias_g
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:_TENSORS], *output)
     ctx.options = inputs[_TENSORS:]
-    bias = inputs[_TENSORS - 1]
-    ctx.bias_grad = bias is not None and bias.requires_grad and bias.dtype != torch.bool
+    ctx.bias_grad = _bias_grad(inputs[_TENSORS - 1])
     ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
 
 
 def _backward(ctx, grad_out, grad_lse, grad_state):
     *tensors, out, lse, dropout_state = ctx.saved_tensors
-    if grad_out is None:
+    if grad_out is None:  # the op's schema takes a tensor
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dbias = torch.ops.varattn.attention_backward(grad_out, grad_lse, out, lse, dropout_state, ctx.bias_grad,
                                                               *tensors, *ctx.options)
