@@ -92,6 +92,28 @@ def test_forward_and_grads_match_reference_with_the_same_mask(gen, options, dtyp
         assert reference.relative_error(got.grad, want.grad) <= tolerance, name
 
 
+def test_dropout_with_seqused_and_a_bias_that_requires_grad(gen):
+    p = 0.25
+    q, k, v, cu_q, cu_k = packed(gen, torch.float64)
+    used = dict(seqused_q=torch.tensor([0, 1, 5, 12, 2], dtype=torch.int32),
+                seqused_k=torch.tensor([3, 1, 4, 7, 0], dtype=torch.int32))
+    bias = reference.randn(gen, 5, 1, 12, 12, dtype=torch.float64)
+    keep = drawn_keep(2, q, k, v, cu_q, cu_k, p, attn_bias=bias, **used)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    torch.manual_seed(2)
+    out = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, attn_bias=leaves[3], dropout_p=p, **used)
+    grad_out = reference.randn(gen, *out.shape, dtype=torch.float64)
+    out.backward(grad_out)
+
+    expected_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+    expected, _ = reference.attention(*expected_leaves[:3], cu_q, cu_k, attn_bias=expected_leaves[3], dropout_p=p,
+                                      dropout_keep=keep, **used)
+    expected.backward(grad_out)
+    assert reference.relative_error(out, expected) <= 1e-10
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), leaves, expected_leaves):
+        assert reference.relative_error(got.grad, want.grad) <= 1e-10, name
+
+
 def test_gradcheck_with_dropout(gen):
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [0, 1, 3, 4], [2, 0, 3, 5], 2, 1, 4, dtype=torch.float64)
 
