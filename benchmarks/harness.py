@@ -81,11 +81,8 @@ def _masked_varattn(inputs, leaves=None):
     return lambda: varattn.varlen_attention(*args, attn_bias=mask)
 
 
-def _torch_padded(inputs, leaves=None, backend=None):
-    """torch SDPA on the padded batch and its mask (one SDPA backend, or torch's choice)."""
-    q, k, v, mask = inputs.padded()
-    if leaves:
-        q, k, v = leaves
+def _torch_padded(q, k, v, mask, backend=None):
+    """torch SDPA on a padded batch and its mask (one SDPA backend, or torch's choice)."""
     if backend is None:
         return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     from torch.nn.attention import sdpa_kernel
@@ -103,14 +100,14 @@ def comparator(inputs, name):
         return _masked_varattn(inputs)
     if name == "torch-efficient":
         from torch.nn.attention import SDPBackend
-        return _torch_padded(inputs, backend=SDPBackend.EFFICIENT_ATTENTION)
+        return _torch_padded(*inputs.padded(), SDPBackend.EFFICIENT_ATTENTION)
     if name.startswith("varattn-"):
         return _varattn(inputs, varattn.Backend(name[len("varattn-"):]))
     if name == "torch-nested":
         q, k, v = inputs.nested(torch.strided if w.name == "W5" else torch.jagged)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
     if name == "torch-padded":
-        return _torch_padded(inputs)
+        return _torch_padded(*inputs.padded())
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
         q, k, v, block_mask = inputs.flex()
@@ -140,14 +137,15 @@ def training_comparator(inputs, name):
     grad_out = torch.randn(inputs.q.shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
     if w.mask != "document":
         padded = name != "varattn" or w.mask == "key_padding"
-        leaves = _with_grad(inputs.padded()[:3] if padded else (inputs.q, inputs.k, inputs.v))
+        *tensors, mask = inputs.padded() if padded else (inputs.q, inputs.k, inputs.v, None)
+        leaves = _with_grad(tensors)
         if padded:
             grad_out = torch.randn(leaves[0].shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
         if name == "varattn":
             forward = _masked_varattn(inputs, leaves)
         else:
             from torch.nn.attention import SDPBackend
-            forward = _torch_padded(inputs, leaves, SDPBackend.EFFICIENT_ATTENTION if name == "torch-efficient" else None)
+            forward = _torch_padded(*leaves, mask, SDPBackend.EFFICIENT_ATTENTION if name == "torch-efficient" else None)
         return _step(leaves, forward, grad_out)
     if name == "varattn-flash":
         q, k, v = _with_grad((inputs.q, inputs.k, inputs.v))
