@@ -37,8 +37,8 @@
 // Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
 // 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a, default mode):
-//   head_dim  32: 176 / 195     head_dim  96: 247 / 255, spilling 0 / 4 bytes
-//   head_dim  64: 232 / 241     head_dim 128: 255 / 255, spilling 40 / 64 bytes
+//   head_dim  32: 180 / 214     head_dim  96: 251 / 255
+//   head_dim  64: 229 / 236     head_dim 128: 255 / 255, spilling 24 / 48 bytes
 // Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T, lse and
 // delta: 38 KB at head_dim 32, 79 KB at 128 (two CTAs per SM).
 // Element masks only on pairs of tiles that cross a mask edge (W1 10.2 ->
@@ -223,13 +223,14 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
             // only where the pair of tiles crosses a mask edge or the keys' end
             // (query rows past the end have P = 0 through their lse).
             const bool crosses = pair_crosses_edge<BWD_BLOCK, BWD_BLOCK>(p, t, n0, m0);
+            QueryRange seen_by[2] = {};  // the queries this thread's two keys see, where masks apply
+            if (crosses) seen_by[0] = visible_queries(p, t, n0 + key_row), seen_by[1] = visible_queries(p, t, n0 + key_row + 8);
 #pragma unroll
             for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int key = n0 + key_row + 8 * (e / 2), query = m0 + 8 * j + 2 * (lane % 4) + e % 2;
                     const int c = 8 * j + 2 * (lane % 4) + e % 2;
-                    const bool visible = !crosses || visible_queries(p, t, key).contains(query);
+                    const bool visible = !crosses || seen_by[e / 2].contains(m0 + c);
                     const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c])) : 0.f;
                     s[4 * j + e] = prob;
                     dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);
