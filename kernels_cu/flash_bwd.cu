@@ -1,9 +1,8 @@
 // flash_bwd.cu — the flash backend's backward on tensor cores (mma.sync,
 // sm80+): dQ, dK and dV from the saved LSE, probabilities recomputed.
 //
-// First a preprocess, flash_bwd_delta: delta = rowsum(dO * O) - dLSE per
-// query row and head (dLSE: the gradient reaching the returned lse, if any);
-// one warp per row, 16 bytes per lane and head.
+// First a preprocess, flash_bwd_delta (flash_bwd_common.cuh): delta =
+// rowsum(dO * O) - dLSE per query row and head.
 //
 // Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value
 // head, sequence), with K and V resident in shared memory; for every query
@@ -52,53 +51,6 @@
 #define BWD_BLOCK 64
 static_assert(BWD_BLOCK == 64, "query_tile_slot counts tiles of 64 query rows");
 
-#define DELTA_THREADS 256
-
-// Sum of the products of 8 pairs of 16-bit values packed in x and y.
-template <typename T>
-__device__ __forceinline__ float dot8(const uint4& x, const uint4& y) {
-    const T* a = (const T*)&x;
-    const T* b = (const T*)&y;
-    float sum = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sum = fmaf(to_acc(a[e]), to_acc(b[e]), sum);
-    return sum;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(DELTA_THREADS) flash_bwd_delta(const AttnParams p, const BwdParams g) {
-    static_assert(sizeof(T) == 2, "16-byte loads of 8 elements");
-    constexpr int HEADS_AT_ONCE = 4;  // loads in flight per lane before the sums
-    const long long row = (long long)blockIdx.x * (DELTA_THREADS / 32) + threadIdx.x / 32;
-    if (row >= p.total_q) return;
-    const int lane = threadIdx.x % 32;
-    const bool active = 8 * lane < p.head_dim_v;  // head_dim_v <= 256: one 16-byte chunk per lane
-    const T* dout = (const T*)g.dout + row * g.dout_row_stride + 8 * lane;
-    const T* out = (const T*)p.out + row * p.out_row_stride + 8 * lane;
-    for (int h0 = 0; h0 < p.heads; h0 += HEADS_AT_ONCE) {
-        uint4 x[HEADS_AT_ONCE], y[HEADS_AT_ONCE];
-#pragma unroll
-        for (int u = 0; u < HEADS_AT_ONCE; ++u) {
-            const bool load = active && h0 + u < p.heads;
-            x[u] = load ? *(const uint4*)(dout + (h0 + u) * g.dout_head_stride) : make_uint4(0, 0, 0, 0);
-            y[u] = load ? *(const uint4*)(out + (h0 + u) * p.out_head_stride) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < HEADS_AT_ONCE; ++u) {
-            float sum = dot8<T>(x[u], y[u]);
-            for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-            const long long at = (h0 + u) * p.total_q + row;
-            if (lane == 0 && h0 + u < p.heads) g.delta[at] = g.dlse == nullptr ? sum : sum - g.dlse[at];
-        }
-    }
-}
-
-template <int HEAD_DIM>
-struct BwdRows {
-    static constexpr int PITCH = HEAD_DIM + 8;  // elements: ldmatrix rows in distinct banks
-    static __device__ __forceinline__ int offset(int row, int chunk) { return row * PITCH * 2 + chunk * 16; }
-};
-
 __device__ __forceinline__ int load_acquire(const int* at) {
     int value;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(at) : "memory");
@@ -125,9 +77,8 @@ template <typename T, int HEAD_DIM, bool DETERMINISTIC>
 __global__ void __launch_bounds__(BWD_THREADS, 1)
 flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const BwdParams g) {
     constexpr int D_BLOCKS = HEAD_DIM / 8, N_BLOCKS = BWD_BLOCK / 8;
-    using Rows = BwdRows<HEAD_DIM>;
-    using DsRows = BwdRows<BWD_BLOCK>;
-    constexpr int ROW_BYTES = Rows::PITCH * 2, DS_ROW_BYTES = DsRows::PITCH * 2;
+    using Rows = PaddedRows<T, HEAD_DIM>;
+    constexpr int ROW_BYTES = Rows::ROW_BYTES, DS_ROW_BYTES = PaddedRows<T, BWD_BLOCK>::ROW_BYTES;
     constexpr int TILE_BYTES = BWD_BLOCK * ROW_BYTES;
 
     extern __shared__ __align__(16) unsigned char shared_bytes[];

@@ -202,13 +202,16 @@ __device__ __forceinline__ void p_fragment(const float (&s)[N_BLOCKS * 4], int k
     a[3] = pack2<T>(s[8 * k + 6], s[8 * k + 7]);
 }
 
-// O / l and lse = scale * max + ln l for this thread's two rows (query
-// first_row and first_row + 8); rows past the sequence are not written, nor
-// lse when the caller needs none (p.lse null).
+// O * out_scale / l and lse = lse_scale * max + ln l for this thread's two
+// rows (query first_row and first_row + 8), in the first `columns` columns;
+// rows past the sequence are not written, nor lse when the caller needs none
+// (p.lse null). lse_scale: what turns the running max into scores (p.scale
+// where the softmax folds the scale in).
 template <typename T, int D_BLOCKS>
 __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile& t, int first_row,
                                            const float (&o)[D_BLOCKS * 4], const float (&row_max)[2],
-                                           float (&row_sum)[2]) {
+                                           float (&row_sum)[2], float lse_scale, float out_scale = 1.f,
+                                           int columns = D_BLOCKS * 8) {
     const int lane = threadIdx.x % 32;
     float* lse = p.lse ? (float*)p.lse + t.h * p.total_q + t.queries.start : nullptr;
 #pragma unroll
@@ -218,34 +221,48 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile&
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const int i = first_row + 8 * r;
         if (i >= t.queries.len) continue;
-        const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+        const float inv_sum = sum > 0.f ? out_scale / sum : 0.f;
         T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + t.h * p.out_head_stride;
 #pragma unroll
         for (int j = 0; j < D_BLOCKS; ++j)
-            *(unsigned*)(out + 8 * j + 2 * (lane % 4)) = pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-        if (lse && lane % 4 == 0) lse[i] = sum > 0.f ? row_max[r] * (float)p.scale + __logf(sum) : neg_inf<float>();
+            if (8 * j < columns) store2<T>(out + 8 * j + 2 * (lane % 4), o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+        if (lse && lane % 4 == 0) lse[i] = sum > 0.f ? row_max[r] * lse_scale + __logf(sum) : neg_inf<float>();
     }
 }
 
 // ---------------------------------------------------------------------------
-// ROWS x HEAD_DIM elements from global rows [row0, row0 + ROWS) into a shared
+// Shared tiles of COLS elements per row, rows padded by 16 bytes, so that
+// ldmatrix's eight row addresses (and the 32-bit kernels' LDS, efficient
+// kernels) fall in distinct banks without a swizzle.
+template <typename T, int COLS>
+struct PaddedRows {
+    static constexpr int PITCH = COLS + 16 / (int)sizeof(T);  // elements
+    static constexpr int ROW_BYTES = PITCH * (int)sizeof(T);
+    static __device__ __forceinline__ int offset(int row, int chunk) { return row * ROW_BYTES + chunk * 16; }
+};
+
+// ROWS x COLS elements from global rows [row0, row0 + ROWS) into a shared
 // tile laid out by Layout::offset(row, chunk) (bytes; chunk = 16-byte column
-// chunk); rows at or past `rows_valid` become zeros. A thread copies one chunk
-// of every ROWS_PER_PASS-th row, walking one pointer, so few registers stay
+// chunk); rows at or past `rows_valid`, and columns at or past `cols_valid`
+// (a multiple of the chunk), become zeros. A thread copies one chunk of
+// every ROWS_PER_PASS-th row, walking one pointer, so few registers stay
 // live across the main loop.
-template <typename T, int ROWS, int HEAD_DIM, int THREADS, typename Layout>
+template <typename T, int ROWS, int COLS, int THREADS, typename Layout>
 __device__ __forceinline__ void load_tile(unsigned char* shared, const T* global, long long row_stride, int row0,
-                                          int rows_valid) {
-    constexpr int CHUNKS = HEAD_DIM / 8;
+                                          int rows_valid, int cols_valid = COLS) {
+    constexpr int CHUNK = 16 / sizeof(T);               // elements per chunk
+    constexpr int CHUNKS = COLS / CHUNK;
     constexpr int ROWS_PER_PASS = THREADS / CHUNKS;  // head_dim 96: some threads sit out
+    static_assert(ROWS_PER_PASS > 0, "a pass covers at least one row");
     if (threadIdx.x >= ROWS_PER_PASS * CHUNKS) return;
     const int r = threadIdx.x / CHUNKS, chunk = threadIdx.x % CHUNKS;
-    const T* source = global + (long long)(row0 + r) * row_stride + chunk * 8;
+    const bool column_valid = chunk * CHUNK < cols_valid;
+    const T* source = global + (long long)(row0 + r) * row_stride + chunk * CHUNK;
 #pragma unroll
     for (int pass = 0; pass < (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS; ++pass) {
         const int row = r + pass * ROWS_PER_PASS;
         if (ROWS % ROWS_PER_PASS != 0 && row >= ROWS) break;
-        const bool valid = row0 + row < rows_valid;
+        const bool valid = column_valid && row0 + row < rows_valid;
         cp_async_16(shared + Layout::offset(row, chunk), valid ? source : global, valid);
         source += ROWS_PER_PASS * row_stride;
     }

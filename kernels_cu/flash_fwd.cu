@@ -45,21 +45,14 @@
 #define FLASH_THREADS 128
 #define FLASH_WARPS 4
 
-// Rows padded by 16 bytes: ldmatrix's eight row addresses hit distinct banks.
-template <int HEAD_DIM>
-struct PaddedRows {
-    static constexpr int PITCH = HEAD_DIM + 8;  // elements
-    static __device__ __forceinline__ int offset(int row, int chunk) { return row * PITCH * 2 + chunk * 16; }
-};
-
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N>
 __global__ void __launch_bounds__(FLASH_THREADS, 2)
 flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
     constexpr int M_SLICES = BLOCK_M / (16 * FLASH_WARPS);  // m16 slices per warp
     constexpr int N_BLOCKS = BLOCK_N / 8;                   // 8-column blocks of S
     constexpr int D_BLOCKS = HEAD_DIM / 8;                  // 8-column blocks of O
-    using Layout = PaddedRows<HEAD_DIM>;
-    constexpr int ROW_BYTES = Layout::PITCH * 2;
+    using Layout = PaddedRows<T, HEAD_DIM>;
+    constexpr int ROW_BYTES = Layout::ROW_BYTES;
 
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     unsigned char* q_tile = shared_bytes;
@@ -163,5 +156,5 @@ flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
     }
 
 #pragma unroll
-    for (int ms = 0; ms < M_SLICES; ++ms) write_rows<T, D_BLOCKS>(p, t, first_row(ms), o[ms], row_max[ms], row_sum[ms]);
+    for (int ms = 0; ms < M_SLICES; ++ms) write_rows<T, D_BLOCKS>(p, t, first_row(ms), o[ms], row_max[ms], row_sum[ms], (float)p.scale);
 }

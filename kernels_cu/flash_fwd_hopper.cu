@@ -188,7 +188,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         wgmma_wait<0>();
         fence_registers(o);
     }
-    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum);
+    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale);
 }
 
 // Registers per thread after the split (multiples of 8): the producer keeps

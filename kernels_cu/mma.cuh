@@ -1,6 +1,7 @@
 // mma.cuh — thin wrappers over the sm80+ instructions the tensor-core kernels
 // use: cp.async (global -> shared, 16 bytes, zero-filled when out of range),
-// ldmatrix (shared -> mma fragments) and mma.sync m16n8k16 with fp32 accumulators.
+// ldmatrix (shared -> mma fragments), mma.sync m16n8k16 on 16-bit inputs and
+// m16n8k8 on TF32, both with fp32 accumulators.
 #pragma once
 #include "dtypes.cuh"
 
@@ -52,6 +53,24 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float 
 DEFINE_FOR_16BIT(half_t, "f16")
 DEFINE_FOR_16BIT(bf16_t, "bf16")
 #undef DEFINE_FOR_16BIT
+
+// Two floats stored to consecutive elements (8-byte aligned for float).
+template <typename T> __device__ __forceinline__ void store2(T* at, float lo, float hi) { *(unsigned*)at = pack2<T>(lo, hi); }
+template <> __device__ __forceinline__ void store2<float>(float* at, float lo, float hi) { *(float2*)at = make_float2(lo, hi); }
+
+// D = A (16x8, row) * B (8x8, col) + D on TF32 inputs (fp32 bit patterns
+// rounded by to_tf32), fp32 accumulators d[0..3].
+__device__ __forceinline__ void mma_1688_tf32(float* d, const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
 
 // D (16 x 16 as two m16n8 accumulators, d[0..7]) += A (16 x 16) B (16 x 16),
 // B as the four registers of one ldmatrix_x4 (two 16 x 8 halves).
