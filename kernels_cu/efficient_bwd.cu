@@ -8,7 +8,8 @@
 // CTA = (key tile of 64 keys, key/value head, sequence, column block), K and
 // V resident in shared memory; for every query head of the group and every
 // query tile of BLOCK_M rows that sees some of the keys:
-//   1. Q, dO (cp.async), lse and delta -> shared memory.
+//   1. Q, dO (cp.async), lse and delta -> shared memory, and the bias tile
+//      (efficient_common.cuh: BiasTile) when its keys are adjacent.
 //   2. Each warp owns 16 keys and works transposed, keys as rows:
 //        S^T = K Q^T, biased and masked as in the forward,
 //        P^T = exp(S^T - lse), Pd^T = P^T kept by dropout, times 1 / (1 - p)
@@ -75,6 +76,8 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
     T* ds_tile = do_tile + BLOCK_M * PITCH;                 // dS^T: [key][query]
     float* lse_tile = (float*)(ds_tile + KEY_BLOCK * DS_PITCH);  // log2-scaled
     float* delta_tile = lse_tile + BLOCK_M;
+    using Bias = BiasTile<T, BLOCK_M, KEY_BLOCK>;               // queries x keys
+    unsigned char* bias_tile = (unsigned char*)(delta_tile + BLOCK_M);
 
     KeyTile t;
     if (!locate_key_tile<KEY_BLOCK>(p, order, tile_offsets, t)) return;
@@ -93,6 +96,15 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float scale = (float)p.scale;
     const int key_row = warp * 16 + lane / 4;  // this thread's keys: key_row and key_row + 8 of the tile
+    const int dq_row = (warp % ROW_GROUPS) * 16, dq_col = col0 + (warp / ROW_GROUPS) * DQ_COLS;  // this warp's dQ
+    // Lane addresses in the tiles: K and V from this warp's keys, dS^T read as dS from its dQ rows.
+    const typename Ops::Lane k_a = Ops::a_rows_lane(k_tile + warp * 16 * PITCH, PITCH);
+    const typename Ops::Lane v_a = Ops::a_rows_lane(v_tile + warp * 16 * PITCH, PITCH);
+    const typename Ops::Lane q_b = Ops::b_rows_lane(q_tile, PITCH), do_b = Ops::b_rows_lane(do_tile, PITCH);
+    // (dK, dV and dQ read only this CTA's, and this warp's, columns.)
+    const typename Ops::Lane q_bt = Ops::b_cols_lane(q_tile + col0, PITCH), do_bt = Ops::b_cols_lane(do_tile + col0, PITCH);
+    const typename Ops::Lane k_bt = Ops::b_cols_lane(k_tile + dq_col, PITCH);
+    const typename Ops::Lane ds_at = Ops::a_cols_lane(ds_tile + dq_row, DS_PITCH);
     float dk[D_BLOCKS * 4], dv[D_BLOCKS * 4];
 #pragma unroll
     for (int e = 0; e < D_BLOCKS * 4; ++e) dk[e] = dv[e] = 0.f;
@@ -113,6 +125,8 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
                                                                          queries.len, p.head_dim);
             load_tile<T, BLOCK_M, HEAD_DIM, EFFICIENT_BWD_THREADS, Rows>((unsigned char*)do_tile, dout, g.dout_row_stride,
                                                                          m0, queries.len, p.head_dim);
+            if (Bias::staged(p))
+                Bias::template load<EFFICIENT_BWD_THREADS>(bias_tile, p, b, h, m0, queries.len, n0, keys.len);
             cp_async_commit();
             if (threadIdx.x < BLOCK_M) {
                 const int i = m0 + threadIdx.x;
@@ -130,12 +144,12 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
             for (int e = 0; e < N_BLOCKS * 4; ++e) s[e] = dp[e] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM / K_STEP; ++kk) {
-                const typename Ops::A ak = Ops::a_rows(k_tile, PITCH, warp * 16, kk * K_STEP);
-                const typename Ops::A av = Ops::a_rows(v_tile, PITCH, warp * 16, kk * K_STEP);
+                const typename Ops::A ak = Ops::a_rows(k_a, PITCH, 0, kk * K_STEP);
+                const typename Ops::A av = Ops::a_rows(v_a, PITCH, 0, kk * K_STEP);
 #pragma unroll
                 for (int np = 0; np < N_BLOCKS / 2; ++np) {
-                    Ops::mma(&s[8 * np], ak, Ops::b_rows(q_tile, PITCH, np * 16, kk * K_STEP));
-                    Ops::mma(&dp[8 * np], av, Ops::b_rows(do_tile, PITCH, np * 16, kk * K_STEP));
+                    Ops::mma(&s[8 * np], ak, Ops::b_rows(q_b, PITCH, np * 16, kk * K_STEP));
+                    Ops::mma(&dp[8 * np], av, Ops::b_rows(do_b, PITCH, np * 16, kk * K_STEP));
                 }
             }
             // P^T (kept: s) and dS^T (dp) in place; masked elements become 0.
@@ -148,7 +162,9 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
                 for (int e = 0; e < 4; ++e) {
                     const int c = 8 * j + 2 * (lane % 4) + e % 2, i = m0 + c, key = n0 + key_row + 8 * (e / 2);
                     float x = s[4 * j + e] * scale;
-                    if (p.bias_kind != BIAS_NONE && i < queries.len && key < keys.len) x = biased<T>(p, b, h, i, key, x);
+                    if (p.bias_kind != BIAS_NONE && i < queries.len && key < keys.len)
+                        x = biased_at<T>(p, Bias::staged(p) ? Bias::at(bias_tile, p, b, h, m0, c, n0, key - n0)
+                                                            : bias_address<T>(p, b, h, i, key), x);
                     const bool visible = !crosses || seen_by[e / 2].contains(i);
                     const float prob = visible ? fast_exp2(fmaf(x, LOG2_E, -lse_tile[c])) : 0.f;
                     float kept = 1.f;
@@ -170,8 +186,8 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
                 const typename Ops::A ads = Ops::a_acc(dp, kk * K_STEP / 8);
 #pragma unroll
                 for (int dd = 0; dd < D_BLOCKS / 2; ++dd) {
-                    Ops::mma(&dv[8 * dd], ap, Ops::b_cols(do_tile, PITCH, kk * K_STEP, col0 + dd * 16));
-                    Ops::mma(&dk[8 * dd], ads, Ops::b_cols(q_tile, PITCH, kk * K_STEP, col0 + dd * 16));
+                    Ops::mma(&dv[8 * dd], ap, Ops::b_cols(do_bt, PITCH, kk * K_STEP, dd * 16));
+                    Ops::mma(&dk[8 * dd], ads, Ops::b_cols(q_bt, PITCH, kk * K_STEP, dd * 16));
                 }
             }
             // dS^T -> shared memory, rows = keys.
@@ -184,16 +200,15 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
             __syncthreads();
 
             // dQ = scale dS K: this warp's 16 query rows x DQ_COLS columns.
-            const int dq_row = (warp % ROW_GROUPS) * 16, dq_col = col0 + (warp / ROW_GROUPS) * DQ_COLS;
             float dq[DQ_BLOCKS * 4];
 #pragma unroll
             for (int e = 0; e < DQ_BLOCKS * 4; ++e) dq[e] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KEY_BLOCK / K_STEP; ++kk) {
-                const typename Ops::A ads = Ops::a_cols(ds_tile, DS_PITCH, kk * K_STEP, dq_row);
+                const typename Ops::A ads = Ops::a_cols(ds_at, DS_PITCH, kk * K_STEP, 0);
 #pragma unroll
                 for (int dd = 0; dd < DQ_BLOCKS / 2; ++dd)
-                    Ops::mma(&dq[8 * dd], ads, Ops::b_cols(k_tile, PITCH, kk * K_STEP, dq_col + dd * 16));
+                    Ops::mma(&dq[8 * dd], ads, Ops::b_cols(k_bt, PITCH, kk * K_STEP, dd * 16));
             }
             const int columns = min(DQ_COLS, p.head_dim - dq_col);  // a multiple of 8; may be <= 0
             const long long dq_row_stride = (long long)p.heads * p.head_dim;

@@ -12,15 +12,62 @@
 #pragma once
 #include "attn_params.cuh"
 #include "dtypes.cuh"
+#include "mma.cuh"
 
-// The scaled score of query i and key j (both inside sequence b) for head h
-// under the bias: plus an additive bias, or -inf where a bool mask hides it.
+// A bias element at `at` (global or shared memory) applied to a scaled
+// score: plus an additive bias, or -inf where a bool mask hides the pair.
 template <typename T>
-__device__ __forceinline__ float biased(const AttnParams& p, int b, int h, int i, int j, float scaled) {
-    const long long at = b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride + j * p.bias_col_stride;
-    if (p.bias_kind == BIAS_BOOL) return ((const unsigned char*)p.bias)[at] ? scaled : neg_inf<float>();
-    return scaled + to_acc(((const T*)p.bias)[at]);
+__device__ __forceinline__ float biased_at(const AttnParams& p, const unsigned char* at, float scaled) {
+    if (p.bias_kind == BIAS_BOOL) return *at ? scaled : neg_inf<float>();
+    return scaled + to_acc(*(const T*)at);
 }
+
+__device__ __forceinline__ int bias_element_size(const AttnParams& p, int storage_size) {
+    return p.bias_kind == BIAS_BOOL ? 1 : storage_size;
+}
+
+// Element (b, h, i, j) of the bias in global memory.
+template <typename T>
+__device__ __forceinline__ const unsigned char* bias_address(const AttnParams& p, int b, int h, long long i, long long j) {
+    return (const unsigned char*)p.bias + (b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride +
+                                           j * p.bias_col_stride) * bias_element_size(p, sizeof(T));
+}
+
+// The bias of a tile, query rows [m0, m0 + ROWS) x keys [n0, n0 + COLS),
+// staged in shared memory by 4-byte cp.async words, so that its loads are
+// coalesced and in flight with the K / V tiles instead of one dependent load
+// per score. Each row starts at its own offset (0..3) in its first word:
+// rows of the caller's tensor need not be aligned. Only for a bias whose keys
+// are adjacent (bias_col_stride 1); staged() says so. Rows past rows_valid
+// and keys past cols_valid are not read.
+template <typename T, int ROWS, int COLS>
+struct BiasTile {
+    static constexpr int WORDS = COLS * (int)sizeof(T) / 4 + 1;  // per row, whatever its offset
+    static constexpr int BYTES = ROWS * WORDS * 4;
+
+    static __device__ __forceinline__ bool staged(const AttnParams& p) {
+        return p.bias_kind != BIAS_NONE && p.bias_col_stride == 1;
+    }
+    template <int THREADS>
+    static __device__ __forceinline__ void load(unsigned char* tile, const AttnParams& p, int b, int h, int m0,
+                                                int rows_valid, int n0, int cols_valid) {
+        const int size = bias_element_size(p, sizeof(T));
+        const int bytes = min(COLS, cols_valid - n0) * size;
+        for (int index = threadIdx.x; index < ROWS * WORDS; index += THREADS) {
+            const int r = index / WORDS, w = index % WORDS;
+            if (m0 + r >= rows_valid) continue;
+            const unsigned char* first = bias_address<T>(p, b, h, m0 + r, n0);
+            const int offset = (int)((unsigned long long)first % 4);
+            if (4 * w < offset + bytes) cp_async_4(tile + 4 * (r * WORDS + w), first - offset + 4 * w);
+        }
+    }
+    // The staged element (row m0 + r, key n0 + c).
+    static __device__ __forceinline__ const unsigned char* at(const unsigned char* tile, const AttnParams& p, int b,
+                                                               int h, int m0, int r, int n0, int c) {
+        const int offset = (int)((unsigned long long)bias_address<T>(p, b, h, m0 + r, n0) % 4);
+        return tile + 4 * r * WORDS + offset + c * bias_element_size(p, sizeof(T));
+    }
+};
 
 struct Dropout {
     unsigned long long seed, offset;

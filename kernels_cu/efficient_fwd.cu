@@ -10,17 +10,20 @@
 //   1. S = Q K^T on tensor cores (operands.cuh: mma.sync m16n8k16 for fp16
 //      and bf16, m16n8k8 on TF32 for fp32, split in three for fp32 accuracy
 //      unless allow_tf32).
-//   2. Causal / window / length masks on tiles that cross an edge, then
-//      S * scale plus the bias (or -inf where the bool mask hides a key),
-//      read for this thread's elements straight from global memory.
+//   2. S * scale plus the bias (or -inf where the bool mask hides a key),
+//      then the causal / window / length masks on tiles that cross an edge
+//      (after the scale, which may be negative). A bias with adjacent keys
+//      is staged in shared memory with the V tile (BiasTile: coalesced
+//      4-byte cp.async words), any other is read per element.
 //   3. Online softmax in base 2 on the biased scores; the row sums count
 //      every probability, then dropout zeroes the dropped ones (Philox, one
 //      call per row and four keys, efficient_common.cuh) before O += P V, and
 //      the kept ones are scaled by 1 / (1 - p) with 1 / l at the end.
 //   4. O / l and lse = m + ln l written once; a row that sees no key (all of
 //      its keys masked) writes zeros and -inf, never NaN.
-// K and V are single-buffered and interleaved as in flash_fwd.cu: V(j)
-// loads while S(j) is computed, K(j + 1) during the softmax and P(j) V(j).
+// K and V are single-buffered and interleaved as in flash_fwd.cu: V(j) and
+// the bias tile load while S(j) is computed, K(j + 1) during the softmax
+// and P(j) V(j).
 //
 // HEAD_DIM is a compile-time bucket (32, 64, 96, 128, 192, 256); the real
 // head dim is p.head_dim, the columns past it load as zeros and are never
@@ -37,17 +40,22 @@
 #define EFFICIENT_THREADS 128
 #define EFFICIENT_WARPS 4
 
-// The scale, bias or bool mask and dropout of one thread's two rows of a
-// score tile (query first_row + 8 r, keys n0 + 8 j + 2 (lane % 4) + c), after
-// the causal / window / length masks: s becomes the biased scores.
-template <typename T, int N_BLOCKS>
-__device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile& t, int first_row, int n0,
-                                            float (&s)[N_BLOCKS * 4]) {
+// The scale and the bias or bool mask of one thread's two rows of a score
+// tile (query first_row + 8 r, keys n0 + 8 j + 2 (lane % 4) + c), read from
+// the staged tile where there is one, else from global memory.
+template <typename T, int BLOCK_M, int N_BLOCKS>
+__device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile& t, const unsigned char* bias_tile,
+                                            int first_row, int n0, float (&s)[N_BLOCKS * 4]) {
+    using Bias = BiasTile<T, BLOCK_M, N_BLOCKS * 8>;
     const int lane = threadIdx.x % 32;
     const float scale = (float)p.scale;
+    const bool staged = Bias::staged(p);
+    const int size = bias_element_size(p, sizeof(T));
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = first_row + 8 * r;
+        const bool row_biased = p.bias_kind != BIAS_NONE && i < t.queries.len;
+        const unsigned char* row = staged && row_biased ? Bias::at(bias_tile, p, t.b, t.h, t.m0, i - t.m0, n0, 0) : nullptr;
 #pragma unroll
         for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
@@ -55,7 +63,8 @@ __device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile
                 const int key = n0 + 8 * j + 2 * (lane % 4) + c;
                 float& x = s[4 * j + 2 * r + c];
                 x *= scale;
-                if (p.bias_kind != BIAS_NONE && i < t.queries.len && key < t.keys.len) x = biased<T>(p, t.b, t.h, i, key, x);
+                if (row_biased && key < t.keys.len)
+                    x = biased_at<T>(p, staged ? row + (key - n0) * size : bias_address<T>(p, t.b, t.h, i, key), x);
             }
     }
 }
@@ -92,6 +101,7 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
     T* q_tile = (T*)shared_bytes;
     T* k_tile = q_tile + BLOCK_M * PITCH;
     T* v_tile = k_tile + BLOCK_N * PITCH;
+    unsigned char* bias_tile = (unsigned char*)(v_tile + BLOCK_N * PITCH);  // BiasTile<T, BLOCK_M, BLOCK_N>
 
     FlashTile t;
     if (!locate_tile<BLOCK_M, BLOCK_N>(p, order, tile_offsets, t)) return;
@@ -107,8 +117,10 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
     }
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    auto slice_row = [&](int ms) { return ms * 16 * EFFICIENT_WARPS + warp * 16; };  // the slice's first tile row
-    auto first_row = [&](int ms) { return t.m0 + slice_row(ms) + lane / 4; };
+    auto first_row = [&](int ms) { return t.m0 + ms * 16 * EFFICIENT_WARPS + warp * 16 + lane / 4; };
+    // Lane addresses in the tiles: Q from this warp's rows.
+    const typename Ops::Lane q_lane = Ops::a_rows_lane(q_tile + warp * 16 * PITCH, PITCH);
+    const typename Ops::Lane k_lane = Ops::b_rows_lane(k_tile, PITCH), v_lane = Ops::b_cols_lane(v_tile, PITCH);
 
     float o[M_SLICES][D_BLOCKS * 4];
     float row_max[M_SLICES][2], row_sum[M_SLICES][2];
@@ -126,6 +138,9 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
         __syncthreads();  // K(n) is in, and every warp is done with V(n - 1)
         load_tile<T, BLOCK_N, HEAD_DIM, EFFICIENT_THREADS, Layout>((unsigned char*)v_tile, v, p.v_row_stride, n0,
                                                                    t.keys.len, p.head_dim);
+        if (BiasTile<T, BLOCK_M, BLOCK_N>::staged(p))
+            BiasTile<T, BLOCK_M, BLOCK_N>::template load<EFFICIENT_THREADS>(bias_tile, p, t.b, t.h, t.m0, t.queries.len,
+                                                                            n0, t.keys.len);
         cp_async_commit();
 
         // S = Q K^T
@@ -138,22 +153,17 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
         for (int kk = 0; kk < HEAD_DIM / K_STEP; ++kk) {
             typename Ops::A a[M_SLICES];
 #pragma unroll
-            for (int ms = 0; ms < M_SLICES; ++ms) a[ms] = Ops::a_rows(q_tile, PITCH, slice_row(ms), kk * K_STEP);
+            for (int ms = 0; ms < M_SLICES; ++ms) a[ms] = Ops::a_rows(q_lane, PITCH, ms * 16 * EFFICIENT_WARPS, kk * K_STEP);
 #pragma unroll
             for (int np = 0; np < N_BLOCKS / 2; ++np) {
-                const typename Ops::B b = Ops::b_rows(k_tile, PITCH, np * 16, kk * K_STEP);
+                const typename Ops::B b = Ops::b_rows(k_lane, PITCH, np * 16, kk * K_STEP);
 #pragma unroll
                 for (int ms = 0; ms < M_SLICES; ++ms) Ops::mma(&s[ms][8 * np], a[ms], b);
             }
         }
-#pragma unroll
-        for (int ms = 0; ms < M_SLICES; ++ms) {
-            if (crosses_edge<BLOCK_N>(p, t, n0)) mask_scores<N_BLOCKS>(p, t, first_row(ms), n0, s[ms]);
-            bias_scores<T, N_BLOCKS>(p, t, first_row(ms), n0, s[ms]);
-        }
 
         cp_async_wait<0>();
-        __syncthreads();  // V(n) is in, and every warp is done with K(n)
+        __syncthreads();  // V(n) and the bias are in, and every warp is done with K(n)
         if (n_tile + 1 < t.end_tile) {
             load_tile<T, BLOCK_N, HEAD_DIM, EFFICIENT_THREADS, Layout>((unsigned char*)k_tile, k, p.k_row_stride,
                                                                        n0 + BLOCK_N, t.keys.len, p.head_dim);
@@ -161,6 +171,8 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
         }
 #pragma unroll
         for (int ms = 0; ms < M_SLICES; ++ms) {
+            bias_scores<T, BLOCK_M, N_BLOCKS>(p, t, bias_tile, first_row(ms), n0, s[ms]);  // scaled first: any sign
+            if (crosses_edge<BLOCK_N>(p, t, n0)) mask_scores<N_BLOCKS>(p, t, first_row(ms), n0, s[ms]);
             float rescale[2];
             softmax_scores<N_BLOCKS>(s[ms], row_max[ms], row_sum[ms], LOG2_E, rescale);
             rescale_rows<D_BLOCKS>(o[ms], rescale);
@@ -175,7 +187,7 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
             for (int ms = 0; ms < M_SLICES; ++ms) a[ms] = Ops::a_acc(s[ms], kk * K_STEP / 8);
 #pragma unroll
             for (int dp = 0; dp < D_BLOCKS / 2; ++dp) {
-                const typename Ops::B b = Ops::b_cols(v_tile, PITCH, kk * K_STEP, dp * 16);
+                const typename Ops::B b = Ops::b_cols(v_lane, PITCH, kk * K_STEP, dp * 16);
 #pragma unroll
                 for (int ms = 0; ms < M_SLICES; ++ms) Ops::mma(&o[ms][8 * dp], a[ms], b);
             }

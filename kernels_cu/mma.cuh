@@ -15,6 +15,10 @@ __device__ __forceinline__ void cp_async_16(void* shared, const void* global, bo
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(smem_address(shared)), "l"(global), "r"(valid ? 16 : 0));
 }
+// 4 bytes from global to shared (through L1: .ca is the only kind this small).
+__device__ __forceinline__ void cp_async_4(void* shared, const void* global) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"(smem_address(shared)), "l"(global));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING)); }

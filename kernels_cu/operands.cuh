@@ -12,7 +12,9 @@
 //   a_cols: A from a tile whose rows are A's k (dS^T read as dS);
 //   b_rows: B from a tile whose rows are B's columns (K in Q K^T);
 //   b_cols: B from a tile whose rows are B's k (V in P V);
-// and a_acc takes A from an accumulator of 16 rows (P, P^T, dS^T).
+// and a_acc takes A from an accumulator of 16 rows (P, P^T, dS^T). Each
+// load starts from its lane's address in the tile (a_rows_lane for a_rows
+// and so on), computed once, plus an offset that unrolled loops make constant.
 //
 // fp16 / bf16 (Operands<T, 1>): K_STEP 16, ldmatrix x4, mma m16n8k16.
 // fp32 (Operands<float, PASSES>): K_STEP 8, mma m16n8k8 on TF32. PASSES 3
@@ -36,29 +38,41 @@ struct Operands {
     static constexpr int K_STEP = 16;
     struct A { unsigned r[4]; };
     struct B { unsigned r[4]; };
+    using Lane = unsigned;  // this lane's ldmatrix row address (shared space)
 
-    static __device__ __forceinline__ A a_rows(const T* tile, int pitch, int row0, int k0) {
+    // Lane addresses, computed once per tile; the loads add constant offsets.
+    static __device__ __forceinline__ Lane a_rows_lane(const T* tile, int pitch) {
         const int lane = threadIdx.x % 32;
+        return smem_address(tile + (lane % 16) * pitch + (lane / 16) * 8);
+    }
+    static __device__ __forceinline__ Lane a_cols_lane(const T* tile, int pitch) {
+        const int lane = threadIdx.x % 32;
+        return smem_address(tile + (lane % 8 + (lane / 16) * 8) * pitch + ((lane / 8) % 2) * 8);
+    }
+    static __device__ __forceinline__ Lane b_rows_lane(const T* tile, int pitch) { return a_cols_lane(tile, pitch); }
+    static __device__ __forceinline__ Lane b_cols_lane(const T* tile, int pitch) {
+        const int lane = threadIdx.x % 32;
+        return smem_address(tile + (lane % 8 + ((lane / 8) % 2) * 8) * pitch + (lane / 16) * 8);
+    }
+
+    static __device__ __forceinline__ A a_rows(Lane lane, int pitch, int row0, int k0) {
         A a;
-        ldmatrix_x4(a.r, smem_address(tile + (row0 + lane % 16) * pitch + k0 + (lane / 16) * 8));
+        ldmatrix_x4(a.r, lane + (row0 * pitch + k0) * 2);
         return a;
     }
-    static __device__ __forceinline__ A a_cols(const T* tile, int pitch, int k0, int col0) {
-        const int lane = threadIdx.x % 32;
+    static __device__ __forceinline__ A a_cols(Lane lane, int pitch, int k0, int col0) {
         A a;
-        ldmatrix_x4_trans(a.r, smem_address(tile + (k0 + lane % 8 + (lane / 16) * 8) * pitch + col0 + ((lane / 8) % 2) * 8));
+        ldmatrix_x4_trans(a.r, lane + (k0 * pitch + col0) * 2);
         return a;
     }
-    static __device__ __forceinline__ B b_rows(const T* tile, int pitch, int n0, int k0) {
-        const int lane = threadIdx.x % 32;
+    static __device__ __forceinline__ B b_rows(Lane lane, int pitch, int n0, int k0) {
         B b;
-        ldmatrix_x4(b.r, smem_address(tile + (n0 + lane % 8 + (lane / 16) * 8) * pitch + k0 + ((lane / 8) % 2) * 8));
+        ldmatrix_x4(b.r, lane + (n0 * pitch + k0) * 2);
         return b;
     }
-    static __device__ __forceinline__ B b_cols(const T* tile, int pitch, int k0, int n0) {
-        const int lane = threadIdx.x % 32;
+    static __device__ __forceinline__ B b_cols(Lane lane, int pitch, int k0, int n0) {
         B b;
-        ldmatrix_x4_trans(b.r, smem_address(tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * pitch + n0 + (lane / 16) * 8));
+        ldmatrix_x4_trans(b.r, lane + (k0 * pitch + n0) * 2);
         return b;
     }
     // Columns [8 block, 8 block + 16) of a 16-row accumulator.
@@ -79,42 +93,50 @@ struct Operands<float, PASSES> {
     static constexpr int K_STEP = 8;
     struct A { unsigned head[4], tail[4]; };
     struct B { unsigned head[4], tail[4]; };  // [2 block + {0, 1}]
+    using Lane = const float*;  // this lane's first element
+
+    static __device__ __forceinline__ Lane a_rows_lane(const float* tile, int pitch) {  // element (g, t)
+        return tile + (threadIdx.x % 32 / 4) * pitch + threadIdx.x % 4;
+    }
+    static __device__ __forceinline__ Lane a_cols_lane(const float* tile, int pitch) {  // element (2t, g)
+        return tile + 2 * (threadIdx.x % 4) * pitch + threadIdx.x % 32 / 4;
+    }
+    static __device__ __forceinline__ Lane b_rows_lane(const float* tile, int pitch) { return a_rows_lane(tile, pitch); }
+    static __device__ __forceinline__ Lane b_cols_lane(const float* tile, int pitch) { return a_cols_lane(tile, pitch); }
 
     static __device__ __forceinline__ void split(float x, unsigned& head, unsigned& tail) {
         head = to_tf32(x);
         tail = PASSES == 3 ? to_tf32(x - __uint_as_float(head)) : 0u;
     }
     template <typename Op>
-    static __device__ __forceinline__ Op make(const float (&x)[4]) {
+    static __device__ __forceinline__ Op make(float x0, float x1, float x2, float x3) {
         Op op;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) split(x[e], op.head[e], op.tail[e]);
+        split(x0, op.head[0], op.tail[0]);
+        split(x1, op.head[1], op.tail[1]);
+        split(x2, op.head[2], op.tail[2]);
+        split(x3, op.head[3], op.tail[3]);
         return op;
     }
-    static __device__ __forceinline__ A a_rows(const float* tile, int pitch, int row0, int k0) {
-        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-        const float* at = tile + (row0 + g) * pitch + k0 + t;
-        return make<A>({at[0], at[8 * pitch], at[4], at[8 * pitch + 4]});
+    static __device__ __forceinline__ A a_rows(Lane lane, int pitch, int row0, int k0) {
+        const float* at = lane + row0 * pitch + k0;
+        return make<A>(at[0], at[8 * pitch], at[4], at[8 * pitch + 4]);
     }
-    static __device__ __forceinline__ A a_cols(const float* tile, int pitch, int k0, int col0) {
-        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-        const float* at = tile + (k0 + 2 * t) * pitch + col0 + g;
-        return make<A>({at[0], at[8], at[pitch], at[pitch + 8]});
+    static __device__ __forceinline__ A a_cols(Lane lane, int pitch, int k0, int col0) {
+        const float* at = lane + k0 * pitch + col0;
+        return make<A>(at[0], at[8], at[pitch], at[pitch + 8]);
     }
-    static __device__ __forceinline__ B b_rows(const float* tile, int pitch, int n0, int k0) {
-        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-        const float* at = tile + (n0 + g) * pitch + k0 + t;
-        return make<B>({at[0], at[4], at[8 * pitch], at[8 * pitch + 4]});
+    static __device__ __forceinline__ B b_rows(Lane lane, int pitch, int n0, int k0) {
+        const float* at = lane + n0 * pitch + k0;
+        return make<B>(at[0], at[4], at[8 * pitch], at[8 * pitch + 4]);
     }
-    static __device__ __forceinline__ B b_cols(const float* tile, int pitch, int k0, int n0) {
-        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-        const float* at = tile + (k0 + 2 * t) * pitch + n0 + g;
-        return make<B>({at[0], at[pitch], at[8], at[pitch + 8]});
+    static __device__ __forceinline__ B b_cols(Lane lane, int pitch, int k0, int n0) {
+        const float* at = lane + k0 * pitch + n0;
+        return make<B>(at[0], at[pitch], at[8], at[pitch + 8]);
     }
     // Columns [8 block, 8 block + 8) of a 16-row accumulator, k permuted.
     static __device__ __forceinline__ A a_acc(const float* acc, int block) {
         const float* c = acc + 4 * block;
-        return make<A>({c[0], c[2], c[1], c[3]});
+        return make<A>(c[0], c[2], c[1], c[3]);
     }
     static __device__ __forceinline__ void mma(float* d, const A& a, const B& b) {
 #pragma unroll

@@ -1,6 +1,7 @@
 """Shared fixtures: one tolerance table, NaN-poisoned outputs, fresh generators, the gpu marker."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -15,6 +16,18 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, tor
 LSE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 has_cuda = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def allow_tf32(allowed: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = allowed inside the block, restored after."""
+    from varattn.backends import efficient
+    was = efficient.tf32_allowed()  # reading allow_tf32 itself raises once torch's newer setting was used
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 def pytest_collection_modifyitems(items):

@@ -1,12 +1,18 @@
 """Dispatch: which backend runs, restricting the set, and the reasons when none can."""
 from __future__ import annotations
 
+import dataclasses
+import struct
+
 import pytest
 import torch
 
 import reference
 import varattn
-from varattn import Backend
+from conftest import allow_tf32
+from varattn import Backend, dispatch, loader
+from varattn.backends import REGISTRY, efficient
+from varattn.params import build_params
 
 
 def small(gen, dtype=torch.float32):
@@ -17,8 +23,9 @@ def test_explain_cpu(gen):
     explanation = varattn.explain(*small(gen))
     assert explanation.chosen == Backend.MATH
     assert explanation.reasons[Backend.DECODE] == ["not built yet in this version"]
-    assert explanation.reasons[Backend.EFFICIENT] == ["not built yet in this version"]
-    assert any("cuda" in reason for reason in explanation.reasons[Backend.FLASH])
+    for backend in (Backend.FLASH, Backend.EFFICIENT):
+        assert any("cuda" in reason for reason in explanation.reasons[backend])
+        assert f"  {backend.value}: runs on cuda" in str(explanation)
     assert "backend: math" in str(explanation)
 
 
@@ -63,10 +70,175 @@ def test_device_checks_toggle():
     assert not varattn.checks.device_checks_enabled()
 
 
+def test_priority_order():
+    assert list(REGISTRY) == [Backend.DECODE, Backend.FLASH, Backend.EFFICIENT, Backend.MATH]
+
+
+# ---------------------------------------------------------------------------
+# Decisions on CUDA without a GPU: the params of a CPU call, seen as on a CUDA
+# device whose properties the test chooses.
+
+class OnCuda:
+    """`params` as reasons() see them were its tensors on CUDA device 0."""
+    device = torch.device("cuda", 0)
+
+    def __init__(self, params):
+        self._params = params
+
+    def __getattr__(self, name):
+        return getattr(self._params, name)
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """A CUDA device that says `capability` and `shared_kb` of shared memory a
+    block (an H100: sm_90, 227 KB, until set again), with CuPy present."""
+    def describe(capability=(9, 0), shared_kb=227):
+        monkeypatch.setattr(loader, "compute_capability", lambda index: capability)
+        monkeypatch.setattr(loader, "shared_memory_per_block", lambda index: shared_kb * 1024)
+        monkeypatch.setattr(loader, "cupy_missing_reason", lambda: None)
+    describe()
+    return describe
+
+
+def on_cuda(gen, dtype=torch.float16, head_dim=64, *, grad=False, bias=None, **options):
+    """The explanation of a call with these inputs made on the fake device."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, head_dim, dtype=dtype)
+    attn_bias = {None: None, "bool": torch.ones(1, 1, 5, 5, dtype=torch.bool),
+                 "additive": torch.zeros(2, 4, 5, 5, dtype=dtype, requires_grad=grad)}[bias]
+    params = build_params(q.requires_grad_(grad), k, v, cu_q, cu_k, 5, 5, attn_bias=attn_bias, **options)
+    return dispatch.explain_params(OnCuda(params))
+
+
+@pytest.mark.parametrize("dtype, head_dim, call, chosen", [
+    (torch.float16, 64, dict(), Backend.FLASH),
+    (torch.bfloat16, 128, dict(grad=True, deterministic=True), Backend.FLASH),
+    (torch.float16, 64, dict(bias="bool"), Backend.EFFICIENT),
+    (torch.bfloat16, 64, dict(bias="additive", grad=True), Backend.EFFICIENT),
+    (torch.float16, 64, dict(dropout_p=0.1), Backend.EFFICIENT),
+    (torch.float32, 64, dict(causal=True), Backend.EFFICIENT),
+    (torch.float32, 64, dict(deterministic=True), Backend.EFFICIENT),  # the forward has no atomics
+    (torch.float16, 40, dict(), Backend.EFFICIENT),
+    (torch.float16, 64, dict(scale=-0.5), Backend.EFFICIENT),  # flash folds the scale into its max, efficient not
+    (torch.float16, 8, dict(window=(4, 0)), Backend.EFFICIENT),
+    (torch.bfloat16, 256, dict(grad=True), Backend.EFFICIENT),
+    (torch.float64, 64, dict(), Backend.MATH),
+    (torch.float16, 12, dict(), Backend.MATH),
+    (torch.float16, 264, dict(), Backend.MATH),
+    (torch.float32, 64, dict(grad=True, deterministic=True), Backend.MATH),
+    (torch.bfloat16, 256, dict(grad=True, deterministic=True), Backend.MATH),
+], ids=str)
+def test_decisions_on_cuda(gen, fake_device, dtype, head_dim, call, chosen):
+    assert on_cuda(gen, dtype, head_dim, **call).chosen == chosen
+
+
+@pytest.mark.parametrize("dtype, head_dim, call, expected", [
+    (torch.float64, 64, dict(), "dtype torch.float64 not in torch.float16, torch.bfloat16, torch.float32"),
+    (torch.float16, 12, dict(), "head_dim 12 is not a multiple of 8"),
+    (torch.float16, 264, dict(), "head_dim 264 > 256"),
+    (torch.float32, 64, dict(grad=True, deterministic=True), "deterministic=True"),
+], ids=str)
+def test_efficient_reasons(gen, fake_device, dtype, head_dim, call, expected):
+    explanation = on_cuda(gen, dtype, head_dim, **call)
+    assert explanation.chosen == Backend.MATH
+    assert any(expected in why for why in explanation.reasons[Backend.EFFICIENT])
+    assert "  efficient: " in str(explanation)
+
+
+def test_efficient_reasons_on_the_cpu_too(gen):
+    """What depends on the call only, not on the device, is said for CPU inputs as well."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 12, dtype=torch.float64)
+    why = varattn.explain(q.requires_grad_(), k, v, cu_q, cu_k, deterministic=True).reasons[Backend.EFFICIENT]
+    assert any("runs on cuda" in r for r in why)
+    for expected in ("dtype torch.float64", "head_dim 12 is not a multiple of 8", "deterministic=True"):
+        assert any(expected in r for r in why), expected
+
+
+def test_older_devices_and_missing_cupy(gen, fake_device, monkeypatch):
+    fake_device(capability=(7, 5))
+    assert any("needs sm_80 or newer, device is sm_75" in r for r in on_cuda(gen, bias="bool").reasons[Backend.EFFICIENT])
+    fake_device()
+    monkeypatch.setattr(loader, "cupy_missing_reason", lambda: "CuPy with NVRTC is needed")
+    assert "CuPy with NVRTC is needed" in on_cuda(gen, bias="bool").reasons[Backend.EFFICIENT]
+
+
+def test_shared_memory_on_a_smaller_device(gen, fake_device):
+    """sm_86 offers 99 KB a block: fp16 at head_dim 256 fits the forward
+    exactly, not the backward; fp32 at 256 neither."""
+    fake_device(capability=(8, 6), shared_kb=99)
+    assert on_cuda(gen, torch.float16, 256, bias="bool").chosen == Backend.EFFICIENT
+    explanation = on_cuda(gen, torch.float16, 256, bias="bool", grad=True)
+    assert explanation.chosen == Backend.MATH
+    assert any("the backward at head_dim 256" in r and "shared memory" in r and "99 KB" in r
+               for r in explanation.reasons[Backend.EFFICIENT])
+    explanation = on_cuda(gen, torch.float32, 256)
+    assert any("the forward at head_dim 256" in r for r in explanation.reasons[Backend.EFFICIENT])
+    assert on_cuda(gen, torch.float32, 128, grad=True).chosen == Backend.MATH  # 150 KB backward
+    fake_device(capability=(9, 0), shared_kb=227)
+    assert on_cuda(gen, torch.float32, 256, grad=True).chosen == Backend.EFFICIENT
+
+
+def test_misaligned_rows(gen, fake_device):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.float32)
+    shifted = torch.empty(q.numel() + 1)[1:].view(q.shape).copy_(q)  # data 4 bytes past a 16-byte boundary
+    explanation = dispatch.explain_params(OnCuda(build_params(shifted, k, v, cu_q, cu_k, 5, 5)))
+    assert explanation.chosen == Backend.MATH
+    assert any("q rows are not 16-byte aligned" in r and "multiples of 4 elements" in r
+               for r in explanation.reasons[Backend.EFFICIENT])
+
+
+def test_fp32_follows_torch_tf32_setting():
+    with allow_tf32(False):
+        assert efficient.passes(torch.float32) == 3
+        assert efficient.passes(torch.bfloat16) == 1
+    with allow_tf32(True):
+        assert efficient.passes(torch.float32) == 1
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is not None:  # torch's newer setting
+        was = matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "tf32"
+            assert efficient.passes(torch.float32) == 1
+            matmul.fp32_precision = "ieee"
+            assert efficient.passes(torch.float32) == 3
+        finally:
+            matmul.fp32_precision = was
+
+
+def test_kernel_instances_and_their_launch():
+    """The instances and shared memory kernels_cu/efficient_*.cu are written for."""
+    fwd = efficient.forward_instance(torch.bfloat16, 72, 1)  # runs as head_dim 96
+    assert (fwd.name, fwd.shared_mem) == ("efficient_fwd<bf16_t, 96, 128, 32, 1>", (128 + 64) * (96 + 8) * 2)
+    assert efficient.forward_instance(torch.float32, 8, 3).name == "efficient_fwd<float, 32, 64, 32, 3>"
+    bwd = efficient.backward_instance(torch.float32, 256, 3)
+    assert bwd.name == "efficient_bwd<float, 256, 64, 32, 3>" and bwd.column_splits == 4
+    assert bwd.shared_mem == 2 * 64 * 260 * 4 + 2 * 32 * 260 * 4 + 64 * 36 * 4 + 2 * 32 * 4
+    for instance in (fwd, bwd):
+        assert instance.name in loader.FAMILIES[instance.name.split("<")[0]]
+
+
+def test_dropout_struct(gen):
+    """kernels_cu/efficient_common.cuh's Dropout: seed, offset, threshold, 1 / (1 - p); threshold 0 without dropout."""
+    inputs = reference.packed_inputs(gen, [3], [3], 2, 2, 8)
+    params = dataclasses.replace(build_params(*inputs, dropout_p=0.25), dropout_state=(2**64 - 3, 12))
+    *stream, scale = struct.unpack("<QQIf", efficient.dropout_args(params))
+    assert stream == [2**64 - 3, 12, 2**30] and scale == pytest.approx(4 / 3)
+    assert struct.unpack("<QQIf", efficient.dropout_args(build_params(*inputs))) == (0, 0, 0, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# On a real GPU.
+
 @pytest.mark.gpu
-def test_flash_chosen_for_half_precision_on_cuda(gen):
+def test_choices_on_cuda(gen):
     inputs = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.bfloat16, device="cuda")
     assert varattn.explain(*inputs).chosen == Backend.FLASH
-    assert varattn.explain(*inputs, attn_bias=torch.ones(1, 1, 5, 5, dtype=torch.bool, device="cuda")).chosen == Backend.MATH
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool, device="cuda")
+    assert varattn.explain(*inputs, attn_bias=mask).chosen == Backend.EFFICIENT
+    assert varattn.explain(*inputs, dropout_p=0.1).chosen == Backend.EFFICIENT
     fp32 = reference.packed_inputs(gen, [3], [3], 2, 2, 64, device="cuda")
-    assert any("dtype" in r for r in varattn.explain(*fp32).reasons[Backend.FLASH])
+    explanation = varattn.explain(*fp32)
+    assert explanation.chosen == Backend.EFFICIENT
+    assert any("dtype" in r for r in explanation.reasons[Backend.FLASH])
+    fp64 = reference.packed_inputs(gen, [3], [3], 2, 2, 64, dtype=torch.float64, device="cuda")
+    assert varattn.explain(*fp64).chosen == Backend.MATH

@@ -137,10 +137,10 @@ def test_self_attention_drops_only_in_training(gen):
 
 
 @pytest.mark.gpu
-def test_cuda_declines_dropout_with_reasons(gen):
+def test_cuda_dropout_goes_to_efficient_with_reasons(gen):
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5, 9], [5, 9], 2, 2, 64, dtype=torch.bfloat16, device="cuda")
     explanation = varattn.explain(q, k, v, cu_q, cu_k, dropout_p=0.1)
-    assert explanation.chosen is None
+    assert explanation.chosen == Backend.EFFICIENT
     assert any("dropout" in why for why in explanation.reasons[Backend.MATH])
     assert any("dropout" in why for why in explanation.reasons[Backend.FLASH])
 

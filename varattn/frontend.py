@@ -40,8 +40,8 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
         scale: score scale, default 1/sqrt(D).
         dropout_p: dropout on the attention weights, applied whenever it is
             above 0 (pass 0 outside training); its mask comes from torch's
-            generator (varattn/dropout.py). The math backend on the CPU
-            runs it; CUDA backends decline it for now.
+            generator (varattn/dropout.py). The efficient backend runs it on
+            CUDA, the math backend on the CPU.
         return_lse: also return the log-sum-exp of each query row's scores
             (differentiable, like the output).
         deterministic: the backward gives the same bits on every run (also

@@ -94,6 +94,18 @@ def compute_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(index: int | None) -> int:
+    """The most shared memory, in bytes, one block of CUDA device `index` may
+    opt in to (`kernel()` opts in for what a kernel asks); asked once."""
+    optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if optin is None:  # older torch does not report it: ask the runtime
+        runtime = _cupy().cuda.runtime
+        optin = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                           torch.cuda.current_device() if index is None else index)
+    return int(optin)
+
+
 def compile_options(arch: str) -> tuple[str, ...]:
     return ("-std=c++17", f"-arch={arch}")
 

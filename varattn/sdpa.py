@@ -16,8 +16,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch.nn.attention.bias.causal_upper_left / causal_lower_right. With
     enable_gqa, key/value may have fewer heads than query. A row that sees no
     key gives zeros. dropout_p applies as in torch (the caller passes 0
-    outside training); calls no backend can run (dropout on CUDA, for now)
-    raise NotImplementedError naming the reasons.
+    outside training); calls no backend can run (dropout with fp64 on
+    CUDA, say) raise NotImplementedError naming the reasons.
     """
     causal, align = bool(is_causal), "upper_left"
     if isinstance(attn_mask, CausalBias):

@@ -29,8 +29,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             applies to query i and key j of sequence b.
         dropout_p: dropout on the attention weights, applied whenever it is
             above 0 (pass 0 outside training); its mask comes from torch's
-            generator (varattn/dropout.py). The math backend on the CPU
-            runs it; CUDA backends decline it for now.
+            generator (varattn/dropout.py). The efficient backend runs it on
+            CUDA, the math backend on the CPU.
         seqused_q, seqused_k: (B,) int32: sequence b uses only the first
             seqused[b] rows of its slot (padding or holes after it). Output rows
             outside every sequence are zero.

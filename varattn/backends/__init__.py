@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-from . import flash, math
+from . import efficient, flash, math
 
 
 class Backend(str, enum.Enum):
@@ -22,10 +22,11 @@ class Backend(str, enum.Enum):
     MATH = "math"
 
 
-# Priority order: the specialist first, the fallback last.
+# Priority order: the specialist first, the fallback last: flash when it can
+# run the call, efficient for what flash leaves out, math for the rest.
 REGISTRY = {
     Backend.DECODE: None,
     Backend.FLASH: flash,
-    Backend.EFFICIENT: None,
+    Backend.EFFICIENT: efficient,
     Backend.MATH: math,
 }

@@ -12,13 +12,12 @@ LSE, head dims 32 to 256; no bias, no dropout.
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 
 import torch
 
 from .. import kernel_params, loader, tensor_map
-from . import capabilities
+from . import capabilities, tiled
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 CAPABILITIES = capabilities.Capabilities(
@@ -32,7 +31,6 @@ CAPABILITIES = capabilities.Capabilities(
 )
 log = logging.getLogger("varattn")
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
-PLAN_THREADS = 256  # kernels_cu/flash_common.cuh: PLAN_THREADS
 
 
 @dataclass(frozen=True)
@@ -101,9 +99,7 @@ def reasons(params) -> list[str]:
         found.append(missing)
     if params.scale <= 0:
         found.append(f"scale must be positive (the softmax folds it into its max), got {params.scale}")
-    for name, x in (("q", params.q), ("k", params.k), ("v", params.v)):
-        if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8:
-            found.append(f"{name} rows are not 16-byte aligned (data pointer and strides must be multiples of 8 elements)")
+    found += tiled.alignment_reasons(params)
     return found
 
 
@@ -137,10 +133,10 @@ class Launch:
         self.plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
         self.fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
                                         dynamic_shared_mem=chosen.shared_mem)
-        tiles_upper_bound = -(-params.total_q // chosen.block_m) + batch
-        self.grid, self.threads, self.shared_mem = (tiles_upper_bound * params.num_heads,), (chosen.threads,), chosen.shared_mem
+        tiles = tiled.tiles_upper_bound(params.total_q, chosen.block_m, batch)
+        self.grid, self.threads, self.shared_mem = (tiles * params.num_heads,), (chosen.threads,), chosen.shared_mem
         self.packed = kernel_params.pack(params, None, None)
-        self._plan, self._plan_stream = None, None
+        self.plan = tiled.Plan(self.plan_kernel, batch, device)
 
     def __call__(self, out):
         params = self.params
@@ -149,12 +145,8 @@ class Launch:
             return out, lse
         packed = kernel_params.with_outputs(self.packed, out, lse)
         stream = loader.current_stream(self.fwd_kernel)
-        if self._plan_stream != stream:
-            plan = torch.empty(2 * params.batch_size + 1, dtype=torch.int32, device=params.device)  # order, tile offsets
-            self._plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * params.batch_size))
-            loader.launch(self.plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *self._plan_args), stream=stream)
-            self._plan, self._plan_stream = plan, stream
-        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *self._plan_args, *self.tensor_maps),
+        plan_args = self.plan.args(packed, stream)
+        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *plan_args, *self.tensor_maps),
                       shared_mem=self.shared_mem, stream=stream)
         return out, lse
 
@@ -171,10 +163,9 @@ def forward(params):
 # to 128, and the deterministic mode), and on Hopper at head_dim 128
 # kernels_cu/flash_bwd_hopper.cu (wgmma, 128-key tiles).
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
-BACKWARD_BLOCK, BACKWARD_THREADS, DELTA_THREADS = 64, 128, 256
+BACKWARD_BLOCK, BACKWARD_THREADS = 64, 128
 HOPPER_BACKWARD_HEAD_DIMS, HOPPER_BACKWARD_BLOCK_N, HOPPER_BACKWARD_BLOCK_M = (128,), 128, 64
 HOPPER_BACKWARD_THREADS = 384
-_BACKWARD_ARGS = struct.Struct("<QQQQQQQqqq")  # kernels_cu/flash_bwd_common.cuh: struct BwdParams
 loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).lower()}>" for t in STORAGE_TYPES.values()
                                      for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
                        + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
@@ -197,10 +188,6 @@ def hopper_backward_shared_mem(head_dim: int) -> int:
     block_m, block_n = HOPPER_BACKWARD_BLOCK_M, HOPPER_BACKWARD_BLOCK_N
     return (2 * block_n * head_dim * 2 + 2 * (2 * block_m * head_dim * 2 + block_n * block_m * 2)
             + block_m * head_dim * 4 + 2 * 2 * block_m * 4 + 1024)
-
-
-def _aligned(x) -> bool:
-    return x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0 and x.stride(1) % 8 == 0 and x.stride(2) == 1
 
 
 @dataclass(frozen=True)
@@ -235,7 +222,7 @@ def _backward_kernel(params, grad_out) -> _BackwardKernel:
 def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     """(dq, dk, dv, None) of the call `params` whose forward gave `out` and
     `lse`; grad_lse (H, total_q), or None, is the gradient reaching lse."""
-    if not _aligned(grad_out):
+    if not tiled.rows_aligned(grad_out):
         grad_out = grad_out.contiguous()
     q, k = params.q, params.k
     holes_k = params.seqused_k is not None
@@ -255,21 +242,21 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
     plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, true>", device)
     bwd_kernel = loader.kernel(main.family, main.name, device, dynamic_shared_mem=main.shared_mem)
-    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)
     packed = kernel_params.pack(params, out, lse)
-    plan_args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
     turns = (torch.zeros(params.num_heads * tiles_per_head, dtype=torch.int32, device=device)
              if params.deterministic else None)
-    grads = _BACKWARD_ARGS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(),
-                                0 if grad_lse is None else grad_lse.data_ptr(), 0 if turns is None else turns.data_ptr(),
-                                grad_out.stride(0), grad_out.stride(1), tiles_per_head)
+    grads = tiled.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                  delta.data_ptr(), 0 if grad_lse is None else grad_lse.data_ptr(),
+                                  0 if turns is None else turns.data_ptr(), grad_out.stride(0), grad_out.stride(1),
+                                  tiles_per_head)
     stream = loader.current_stream(bwd_kernel)
-    rows_per_block = DELTA_THREADS // 32
-    loader.launch(delta_kernel, (-(-params.total_q // rows_per_block),), (DELTA_THREADS,),
+    rows_per_block = tiled.DELTA_THREADS // 32
+    loader.launch(delta_kernel, (-(-params.total_q // rows_per_block),), (tiled.DELTA_THREADS,),
                   loader.Args(packed, grads), stream=stream)
-    loader.launch(plan_kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *plan_args), stream=stream)
-    tiles_upper_bound = -(-params.total_k // main.block_n) + batch
-    loader.launch(bwd_kernel, (tiles_upper_bound * params.num_heads_kv,), (main.threads,),
+    plan = tiled.Plan(plan_kernel, batch, device)
+    plan_args = plan.args(packed, stream)
+    tiles = tiled.tiles_upper_bound(params.total_k, main.block_n, batch)
+    loader.launch(bwd_kernel, (tiles * params.num_heads_kv,), (main.threads,),
                   loader.Args(packed, *plan_args, grads, *main.tensor_maps), shared_mem=main.shared_mem, stream=stream)
     if main.dq_name is None:
         return dq_accum.to(q.dtype), dk, dv, None

@@ -37,7 +37,7 @@ def reasons(params) -> list[str]:
         if params.num_heads > 65535:
             found.append(f"{params.num_heads} heads > 65535 (one grid dimension per head)")
         if params.dropout_p > 0:
-            found.append("dropout_p > 0 runs on the CPU only (the CUDA kernels have no dropout)")
+            found.append("dropout_p > 0 runs on the CPU only (math's CUDA kernels have no dropout; efficient's do)")
     return found
 
 
