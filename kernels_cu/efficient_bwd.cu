@@ -23,19 +23,20 @@
 //      float32 accumulator: on sm_90 staged in the free Q / dO tiles and
 //      added by bulk reductions (one per row), on sm_80 by atomics.
 //   4. dK * scale and dV written once.
-// The column block (blockIdx.y): dK and dV of all columns do not fit in
-// registers beside the bias and dropout code, so each CTA accumulates
-// OUT_COLS of them and recomputes S^T and dP^T (over the full head dim) for
-// itself. The gradient is not deterministic (dQ adds in any order);
-// deterministic calls go to the math backend.
+// The column block (blockIdx.y): past head dim 128 (fp32: 64) dK and dV
+// of all columns do not fit in registers, so each CTA accumulates OUT_COLS
+// of them and recomputes S^T and dP^T (over the full head dim) for itself.
+// The gradient is not deterministic (dQ adds in any order); deterministic
+// calls go to the math backend.
 //
-// Tiles: 4 warps, 64 keys; OUT_COLS = the head dim up to 64, 48 at 96, else
-// 64 (at 128 columns nvcc spills 150 bytes; 64 costs S^T and dP^T twice at
-// head dim 128, 1.4x the FLOPs, and four times at 256). BLOCK_M 64, except
-// fp32 past head dim 128: 32, so that the 4-byte K, V, Q and dO tiles fit in
-// shared memory (209 KB at head dim 256: sm_90 only; the host declines what
-// the device cannot hold). Registers (NVRTC 13, sm_90a): at most 255, no
-// spills, for every instance the host launches.
+// Tiles: 4 warps, 64 keys. OUT_COLS (varattn/backends/efficient.py): fp16 /
+// bf16 the head dim up to 128, half of it past that; nvcc spills 50 to 150
+// bytes at 96 to 128 columns, which still beats recomputing S^T and dP^T
+// (H200, W8 forward + backward: 64 columns 28.6 ms, 128 columns 19.5 ms).
+// fp32 at most 64 (48 at head dim 96), no spills. BLOCK_M 64, except fp32
+// past head dim 128: 32, so that the 4-byte K, V, Q and dO tiles fit in
+// shared memory (217 KB at head dim 256: sm_90 only; the host declines what
+// the device cannot hold).
 #include "flash_bwd_common.cuh"
 #include "efficient_common.cuh"
 #include "operands.cuh"
@@ -95,6 +96,7 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float scale = (float)p.scale;
+    const int bias_size = bias_element_size(p, sizeof(T));
     const int key_row = warp * 16 + lane / 4;  // this thread's keys: key_row and key_row + 8 of the tile
     const int dq_row = (warp % ROW_GROUPS) * 16, dq_col = col0 + (warp / ROW_GROUPS) * DQ_COLS;  // this warp's dQ
     // Lane addresses in the tiles: K and V from this warp's keys, dS^T read as dS from its dQ rows.
@@ -163,7 +165,7 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
                     const int c = 8 * j + 2 * (lane % 4) + e % 2, i = m0 + c, key = n0 + key_row + 8 * (e / 2);
                     float x = s[4 * j + e] * scale;
                     if (p.bias_kind != BIAS_NONE && i < queries.len && key < keys.len)
-                        x = biased_at<T>(p, Bias::staged(p) ? Bias::at(bias_tile, p, b, h, m0, c, n0, key - n0)
+                        x = biased_at<T>(p, Bias::staged(p) ? Bias::row(bias_tile, c) + (key - n0) * bias_size
                                                             : bias_address<T>(p, b, h, i, key), x);
                     const bool visible = !crosses || seen_by[e / 2].contains(i);
                     const float prob = visible ? fast_exp2(fmaf(x, LOG2_E, -lse_tile[c])) : 0.f;

@@ -36,14 +36,14 @@ __device__ __forceinline__ const unsigned char* bias_address(const AttnParams& p
 // The bias of a tile, query rows [m0, m0 + ROWS) x keys [n0, n0 + COLS),
 // staged in shared memory by 4-byte cp.async words, so that its loads are
 // coalesced and in flight with the K / V tiles instead of one dependent load
-// per score. Each row starts at its own offset (0..3) in its first word:
-// rows of the caller's tensor need not be aligned. Only for a bias whose keys
-// are adjacent (bias_col_stride 1); staged() says so. Rows past rows_valid
-// and keys past cols_valid are not read.
+// per score. Each row starts at its own offset (0..3) in its first word, kept
+// after the words: rows of the caller's tensor need not be aligned. Only for
+// a bias whose keys are adjacent (bias_col_stride 1); staged() says so. Rows
+// past rows_valid and keys past cols_valid are not read.
 template <typename T, int ROWS, int COLS>
 struct BiasTile {
     static constexpr int WORDS = COLS * (int)sizeof(T) / 4 + 1;  // per row, whatever its offset
-    static constexpr int BYTES = ROWS * WORDS * 4;
+    static constexpr int BYTES = ROWS * WORDS * 4 + ROWS * 4;    // words, then the rows' offsets
 
     static __device__ __forceinline__ bool staged(const AttnParams& p) {
         return p.bias_kind != BIAS_NONE && p.bias_col_stride == 1;
@@ -51,21 +51,19 @@ struct BiasTile {
     template <int THREADS>
     static __device__ __forceinline__ void load(unsigned char* tile, const AttnParams& p, int b, int h, int m0,
                                                 int rows_valid, int n0, int cols_valid) {
-        const int size = bias_element_size(p, sizeof(T));
-        const int bytes = min(COLS, cols_valid - n0) * size;
+        const int bytes = min(COLS, cols_valid - n0) * bias_element_size(p, sizeof(T));
         for (int index = threadIdx.x; index < ROWS * WORDS; index += THREADS) {
             const int r = index / WORDS, w = index % WORDS;
             if (m0 + r >= rows_valid) continue;
             const unsigned char* first = bias_address<T>(p, b, h, m0 + r, n0);
             const int offset = (int)((unsigned long long)first % 4);
+            if (w == 0) ((int*)(tile + ROWS * WORDS * 4))[r] = offset;
             if (4 * w < offset + bytes) cp_async_4(tile + 4 * (r * WORDS + w), first - offset + 4 * w);
         }
     }
-    // The staged element (row m0 + r, key n0 + c).
-    static __device__ __forceinline__ const unsigned char* at(const unsigned char* tile, const AttnParams& p, int b,
-                                                               int h, int m0, int r, int n0, int c) {
-        const int offset = (int)((unsigned long long)bias_address<T>(p, b, h, m0 + r, n0) % 4);
-        return tile + 4 * r * WORDS + offset + c * bias_element_size(p, sizeof(T));
+    // Row r's first element (key n0), once the tile is in.
+    static __device__ __forceinline__ const unsigned char* row(const unsigned char* tile, int r) {
+        return tile + 4 * r * WORDS + ((const int*)(tile + ROWS * WORDS * 4))[r];
     }
 };
 

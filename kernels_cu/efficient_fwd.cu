@@ -27,9 +27,11 @@
 //
 // HEAD_DIM is a compile-time bucket (32, 64, 96, 128, 192, 256); the real
 // head dim is p.head_dim, the columns past it load as zeros and are never
-// written. Tiles (4 warps, a warp owns BLOCK_M / 4 query rows):
-//   fp16 / bf16:  head dims <= 64: 128 x 64; <= 128: 128 x 32; 192, 256: 64 x 64
-//                 (flash_fwd.cu's table, for the same register budget)
+// written. Tiles (4 warps, a warp owns BLOCK_M / 4 query rows; set in
+// varattn/backends/efficient.py):
+//   fp16 / bf16:  head dims <= 64: 128 x 64; past that 64 x 64 (128 x 32, as
+//                 flash_fwd.cu, spills with the bias code: H200, W8 forward
+//                 6.25 ms against 5.45 ms)
 //   fp32:         64 x 32 at every head dim: shared memory holds 4-byte
 //                 elements (133 KB at head dim 256), and three-pass
 //                 operands double the fragments.
@@ -55,7 +57,7 @@ __device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile
     for (int r = 0; r < 2; ++r) {
         const int i = first_row + 8 * r;
         const bool row_biased = p.bias_kind != BIAS_NONE && i < t.queries.len;
-        const unsigned char* row = staged && row_biased ? Bias::at(bias_tile, p, t.b, t.h, t.m0, i - t.m0, n0, 0) : nullptr;
+        const unsigned char* row = staged && row_biased ? Bias::row(bias_tile, i - t.m0) : nullptr;
 #pragma unroll
         for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll

@@ -164,9 +164,11 @@ def test_older_devices_and_missing_cupy(gen, fake_device, monkeypatch):
 
 def test_shared_memory_on_a_smaller_device(gen, fake_device):
     """sm_86 offers 99 KB a block: fp16 at head_dim 256 fits the forward
-    exactly, not the backward; fp32 at 256 neither."""
+    exactly, not with a bias tile nor the backward; fp32 at 256 neither."""
     fake_device(capability=(8, 6), shared_kb=99)
-    assert on_cuda(gen, torch.float16, 256, bias="bool").chosen == Backend.EFFICIENT
+    assert on_cuda(gen, torch.float16, 256, dropout_p=0.1).chosen == Backend.EFFICIENT
+    biased = on_cuda(gen, torch.float16, 256, bias="bool")
+    assert any("the forward at head_dim 256" in r for r in biased.reasons[Backend.EFFICIENT])
     explanation = on_cuda(gen, torch.float16, 256, bias="bool", grad=True)
     assert explanation.chosen == Backend.MATH
     assert any("the backward at head_dim 256" in r and "shared memory" in r and "99 KB" in r
@@ -208,11 +210,14 @@ def test_fp32_follows_torch_tf32_setting():
 def test_kernel_instances_and_their_launch():
     """The instances and shared memory kernels_cu/efficient_*.cu are written for."""
     fwd = efficient.forward_instance(torch.bfloat16, 72, 1)  # runs as head_dim 96
-    assert (fwd.name, fwd.shared_mem) == ("efficient_fwd<bf16_t, 96, 128, 32, 1>", (128 + 64) * (96 + 8) * 2)
+    bias_tile = lambda rows, row_bytes: rows * (row_bytes // 4 + 1) * 4 + rows * 4  # noqa: E731  BiasTile: words, offsets
+    assert (fwd.name, fwd.shared_mem, fwd.bias_tile) == ("efficient_fwd<bf16_t, 96, 64, 64, 1>",
+                                                         (64 + 128) * (96 + 8) * 2, bias_tile(64, 64 * 2))
     assert efficient.forward_instance(torch.float32, 8, 3).name == "efficient_fwd<float, 32, 64, 32, 3>"
     bwd = efficient.backward_instance(torch.float32, 256, 3)
     assert bwd.name == "efficient_bwd<float, 256, 64, 32, 3>" and bwd.column_splits == 4
     assert bwd.shared_mem == 2 * 64 * 260 * 4 + 2 * 32 * 260 * 4 + 64 * 36 * 4 + 2 * 32 * 4
+    assert bwd.bias_tile == bias_tile(32, 64 * 4)
     for instance in (fwd, bwd):
         assert instance.name in loader.FAMILIES[instance.name.split("<")[0]]
 

@@ -39,17 +39,21 @@ CAPABILITIES = capabilities.Capabilities(
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t", torch.float32: "float"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 192, 256)  # compiled head dims; a call runs on the first >= its own
 THREADS = 128
-# Forward tiles (query rows x keys) per bucket: fp16/bf16 as flash_fwd.cu's
-# mma.sync table, for the same register budget; fp32 64 x 32 everywhere, its
-# tiles taking twice the shared memory and its three-pass operands twice the
-# registers.
-HALF_TILES = {32: (128, 64), 64: (128, 64), 96: (128, 32), 128: (128, 32), 192: (64, 64), 256: (64, 64)}
+# Forward tiles (query rows x keys) per bucket. fp16/bf16: flash_fwd.cu's
+# mma.sync table, except 64 x 64 at 96 and 128, where the bias code pushes
+# 128 x 32 into spills (H200, W8 forward: 128 x 32 6.25 ms, 64 x 64 5.45 ms).
+# fp32: 64 x 32 everywhere, its tiles taking twice the shared memory and its
+# three-pass operands twice the registers.
+HALF_TILES = {32: (128, 64), 64: (128, 64), 96: (64, 64), 128: (64, 64), 192: (64, 64), 256: (64, 64)}
 FP32_TILE = (64, 32)
 BACKWARD_BLOCK_N = 64  # keys per CTA in the backward
-# Backward: the columns of dK and dV a CTA keeps in registers, per bucket
-# (kernels_cu/efficient_bwd.cu's table: more would spill); bucket // OUT_COLS
-# CTAs share each key tile.
-BACKWARD_OUT_COLS = {32: 32, 64: 64, 96: 48, 128: 64, 192: 64, 256: 64}
+# Backward: the columns of dK and dV a CTA keeps in registers, per bucket;
+# bucket // OUT_COLS CTAs share each key tile, each recomputing S^T and dP^T.
+# fp16/bf16: all of them up to 128 columns, half past that, though nvcc
+# spills some (H200, W8 forward + backward: 64 columns 28.6 ms, 128 columns
+# 19.5 ms); fp32: at most 64, three-pass operands taking the room.
+HALF_BACKWARD_OUT_COLS = {32: 32, 64: 64, 96: 96, 128: 128, 192: 96, 256: 128}
+FP32_BACKWARD_OUT_COLS = {32: 32, 64: 64, 96: 48, 128: 64, 192: 64, 256: 64}
 _DROPOUT = struct.Struct("<QQIf")     # kernels_cu/efficient_common.cuh: struct Dropout
 _BIAS_GRAD = struct.Struct("<Qqqqq")  # kernels_cu/efficient_bwd.cu: struct BiasGrad (pointer, b/h/i/j strides)
 
@@ -77,8 +81,19 @@ class Instance:
     """One compiled kernel and how to launch it."""
     name: str
     block_m: int        # query rows per tile (forward) or per step (backward)
-    shared_mem: int     # dynamic shared memory, bytes
+    shared_mem: int     # dynamic shared memory, bytes, without the bias tile
+    bias_tile: int      # and what a bias read through shared memory adds (BiasTile)
     column_splits: int = 1  # CTAs per key tile, each with some of dK's and dV's columns (backward: grid y)
+
+    def shared_mem_for(self, params) -> int:
+        """What a call needs: the bias tile only for a bias with adjacent keys, which the kernels stage."""
+        staged = params.attn_bias is not None and params.attn_bias.stride(3) == 1
+        return self.shared_mem + (self.bias_tile if staged else 0)
+
+    def load(self, family: str, device):
+        """The compiled kernel, allowed all the shared memory any call may need where the device has it."""
+        limit = loader.shared_memory_per_block(device.index)
+        return loader.kernel(family, self.name, device, dynamic_shared_mem=min(self.shared_mem + self.bias_tile, limit))
 
 
 def _pitch(bucket: int, size: int) -> int:
@@ -86,27 +101,27 @@ def _pitch(bucket: int, size: int) -> int:
 
 
 def _bias_tile(rows: int, cols: int, size: int) -> int:
-    # kernels_cu/efficient_common.cuh: BiasTile, rows of 4-byte words at any offset
-    return rows * (cols * size // 4 + 1) * 4
+    # kernels_cu/efficient_common.cuh: BiasTile, rows of 4-byte words at any offset, and the offsets
+    return rows * (cols * size // 4 + 1) * 4 + rows * 4
 
 
 def forward_instance(dtype: torch.dtype, head_dim: int, passes_: int) -> Instance:
     bucket, size = head_dim_bucket(head_dim), dtype.itemsize
     block_m, block_n = FP32_TILE if dtype == torch.float32 else HALF_TILES[bucket]
     return Instance(f"efficient_fwd<{STORAGE_TYPES[dtype]}, {bucket}, {block_m}, {block_n}, {passes_}>", block_m,
-                    (block_m + 2 * block_n) * _pitch(bucket, size) * size  # Q, K and V tiles
-                    + _bias_tile(block_m, block_n, size))
+                    (block_m + 2 * block_n) * _pitch(bucket, size) * size,  # Q, K and V tiles
+                    _bias_tile(block_m, block_n, size))
 
 
 def backward_instance(dtype: torch.dtype, head_dim: int, passes_: int) -> Instance:
     bucket, size, block_n = head_dim_bucket(head_dim), dtype.itemsize, BACKWARD_BLOCK_N
-    out_cols = BACKWARD_OUT_COLS[bucket]
+    out_cols = (FP32_BACKWARD_OUT_COLS if dtype == torch.float32 else HALF_BACKWARD_OUT_COLS)[bucket]
     block_m = 32 if dtype == torch.float32 and bucket > 128 else 64  # 4-byte tiles must fit in shared memory
-    # K, V; Q, dO; dS^T (keys x query rows); lse and delta; the bias tile
+    # K, V; Q, dO; dS^T (keys x query rows); lse and delta
     shared_mem = ((2 * block_n + 2 * block_m) * _pitch(bucket, size) * size + block_n * (block_m + 16 // size) * size
-                  + 2 * block_m * 4 + _bias_tile(block_m, block_n, size))
+                  + 2 * block_m * 4)
     return Instance(f"efficient_bwd<{STORAGE_TYPES[dtype]}, {bucket}, {out_cols}, {block_m}, {passes_}>", block_m,
-                    shared_mem, bucket // out_cols)
+                    shared_mem, _bias_tile(block_m, block_n, size), bucket // out_cols)
 
 
 _COMPILED = [(dtype, bucket, count) for dtype in STORAGE_TYPES for bucket in HEAD_DIM_BUCKETS
@@ -141,9 +156,9 @@ def _shared_memory_reasons(params) -> list[str]:
     needs = [("the forward", forward_instance(params.dtype, params.head_dim, 1))]
     if params.requires_grad:
         needs.append(("the backward", backward_instance(params.dtype, params.head_dim, 1)))
-    return [f"{what} at head_dim {params.head_dim} ({params.dtype}) needs {instance.shared_mem // 1024} KB of shared "
-            f"memory per block, the device allows {limit // 1024} KB"
-            for what, instance in needs if instance.shared_mem > limit]
+    return [f"{what} at head_dim {params.head_dim} ({params.dtype}) needs {instance.shared_mem_for(params) // 1024} KB "
+            f"of shared memory per block, the device allows {limit // 1024} KB"
+            for what, instance in needs if instance.shared_mem_for(params) > limit]
 
 
 def dropout_args(params) -> bytes:
@@ -184,8 +199,7 @@ class Launch:
         found = self._kernels.get(count)
         if found is None:
             instance = forward_instance(self.params.dtype, self.params.head_dim, count)
-            found = self._kernels[count] = (instance, loader.kernel("efficient_fwd", instance.name, self.params.device,
-                                                                    dynamic_shared_mem=instance.shared_mem))
+            found = self._kernels[count] = (instance, instance.load("efficient_fwd", self.params.device))
         return found
 
     def __call__(self, out):
@@ -198,7 +212,7 @@ class Launch:
         stream = loader.current_stream(kernel)
         plan_args = self.plan.args(packed, stream)
         loader.launch(kernel, self.grid, (THREADS,), loader.Args(packed, *plan_args, dropout_args(params)),
-                      shared_mem=instance.shared_mem, stream=stream)
+                      shared_mem=instance.shared_mem_for(params), stream=stream)
         return out, lse
 
 
@@ -232,7 +246,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
         grad_lse = grad_lse.float().contiguous()
     delta_kernel = loader.kernel("efficient_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
     plan_kernel = loader.kernel("efficient_bwd", f"flash_plan<{BACKWARD_BLOCK_N}, true>", device)
-    bwd_kernel = loader.kernel("efficient_bwd", instance.name, device, dynamic_shared_mem=instance.shared_mem)
+    bwd_kernel = instance.load("efficient_bwd", device)
     packed = kernel_params.pack(params, out, lse)
     # No dQ turns (never deterministic) and no query-tile slots: dq_accum is (total_q, H, head_dim).
     grads = tiled.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
@@ -247,5 +261,5 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     grid = (tiled.tiles_upper_bound(params.total_k, BACKWARD_BLOCK_N, batch) * params.num_heads_kv,
             instance.column_splits)
     loader.launch(bwd_kernel, grid, (THREADS,), loader.Args(packed, *plan_args, grads, bias_grads, dropout_args(params)),
-                  shared_mem=instance.shared_mem, stream=stream)
+                  shared_mem=instance.shared_mem_for(params), stream=stream)
     return dq_accum.to(params.dtype), dk, dv, dbias
