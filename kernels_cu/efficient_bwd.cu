@@ -130,13 +130,7 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
             if (Bias::staged(p))
                 Bias::template load<EFFICIENT_BWD_THREADS>(bias_tile, p, b, h, m0, queries.len, n0, keys.len);
             cp_async_commit();
-            if (threadIdx.x < BLOCK_M) {
-                const int i = m0 + threadIdx.x;
-                const float l = i < queries.len ? lse[i] : neg_inf<float>();
-                // A row past the end, or one that sees no key, gets P = 0.
-                lse_tile[threadIdx.x] = l == neg_inf<float>() ? -neg_inf<float>() : l * LOG2_E;
-                delta_tile[threadIdx.x] = i < queries.len ? delta[i] : 0.f;
-            }
+            stage_lse_delta<BLOCK_M>(lse_tile, delta_tile, lse, delta, m0, queries.len);
             cp_async_wait<0>();
             __syncthreads();
 

@@ -124,15 +124,8 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
     const typename Ops::Lane q_lane = Ops::a_rows_lane(q_tile + warp * 16 * PITCH, PITCH);
     const typename Ops::Lane k_lane = Ops::b_rows_lane(k_tile, PITCH), v_lane = Ops::b_cols_lane(v_tile, PITCH);
 
-    float o[M_SLICES][D_BLOCKS * 4];
-    float row_max[M_SLICES][2], row_sum[M_SLICES][2];
-#pragma unroll
-    for (int ms = 0; ms < M_SLICES; ++ms) {
-#pragma unroll
-        for (int e = 0; e < D_BLOCKS * 4; ++e) o[ms][e] = 0.f;
-        row_max[ms][0] = row_max[ms][1] = neg_inf<float>();
-        row_sum[ms][0] = row_sum[ms][1] = 0.f;
-    }
+    float o[M_SLICES][D_BLOCKS * 4], row_max[M_SLICES][2], row_sum[M_SLICES][2];
+    start_rows(o, row_max, row_sum);
 
     for (int n_tile = t.first_tile; n_tile < t.end_tile; ++n_tile) {
         const int n0 = n_tile * BLOCK_N;

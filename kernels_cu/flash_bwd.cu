@@ -142,13 +142,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
             load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(q_tile, q, p.q_row_stride, m0, queries.len);
             load_tile<T, BWD_BLOCK, HEAD_DIM, BWD_THREADS, Rows>(do_tile, dout, g.dout_row_stride, m0, queries.len);
             cp_async_commit();
-            if (threadIdx.x < BWD_BLOCK) {
-                const int i = m0 + threadIdx.x;
-                const float l = i < queries.len ? lse[i] : neg_inf<float>();
-                // A row past the end, or one that sees no key, gets P = 0.
-                lse_tile[threadIdx.x] = l == neg_inf<float>() ? -neg_inf<float>() : l * LOG2_E;
-                delta_tile[threadIdx.x] = i < queries.len ? delta[i] : 0.f;
-            }
+            stage_lse_delta<BWD_BLOCK>(lse_tile, delta_tile, lse, delta, m0, queries.len);
             cp_async_wait<0>();
             __syncthreads();
 

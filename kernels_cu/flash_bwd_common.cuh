@@ -67,6 +67,20 @@ __global__ void __launch_bounds__(DELTA_THREADS) flash_bwd_delta(const AttnParam
     }
 }
 
+// lse (log2-scaled) and delta of the query rows [m0, m0 + ROWS) into shared
+// memory, a thread a row. A row past the end, or one that sees no key, gets
+// lse +inf, so that its P = exp2(S - lse) is 0.
+template <int ROWS>
+__device__ __forceinline__ void stage_lse_delta(float* lse_tile, float* delta_tile, const float* lse, const float* delta,
+                                                int m0, int len_q) {
+    if (threadIdx.x < ROWS) {
+        const int i = m0 + threadIdx.x;
+        const float l = i < len_q ? lse[i] : neg_inf<float>();
+        lse_tile[threadIdx.x] = l == neg_inf<float>() ? -neg_inf<float>() : l * LOG2_E;
+        delta_tile[threadIdx.x] = i < len_q ? delta[i] : 0.f;
+    }
+}
+
 // The slot of query tile m_tile (64 rows) of sequence b among a head's
 // tiles_per_head: each sequence starts at a 64-row boundary one slot past
 // the last, so no two sequences share a slot, and the slots stay O(total_q).

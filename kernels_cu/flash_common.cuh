@@ -154,6 +154,19 @@ __device__ __forceinline__ void mask_scores(const AttnParams& p, const FlashTile
     }
 }
 
+// O = 0, and row max and sum as before any key, for every m16 slice of a thread's rows.
+template <int M_SLICES, int O_ELEMENTS>
+__device__ __forceinline__ void start_rows(float (&o)[M_SLICES][O_ELEMENTS], float (&row_max)[M_SLICES][2],
+                                           float (&row_sum)[M_SLICES][2]) {
+#pragma unroll
+    for (int ms = 0; ms < M_SLICES; ++ms) {
+#pragma unroll
+        for (int e = 0; e < O_ELEMENTS; ++e) o[ms][e] = 0.f;
+        row_max[ms][0] = row_max[ms][1] = neg_inf<float>();
+        row_sum[ms][0] = row_sum[ms][1] = 0.f;
+    }
+}
+
 // Online softmax over one score tile for this thread's two rows: the new row
 // max (over the 4 lanes sharing a row), the row sums, S replaced by
 // P = 2^(scale log2(e) (S - max)) (one FFMA and one exp2 per score; scale > 0,

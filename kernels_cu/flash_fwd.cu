@@ -79,15 +79,8 @@ flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
     const unsigned v_lane = smem_address(v_tile + (lane % 8 + ((lane / 8) % 2) * 8) * ROW_BYTES + (lane / 16) * 16);
     auto first_row = [&](int ms) { return t.m0 + ms * 16 * FLASH_WARPS + warp * 16 + lane / 4; };
 
-    float o[M_SLICES][D_BLOCKS * 4];
-    float row_max[M_SLICES][2], row_sum[M_SLICES][2];
-#pragma unroll
-    for (int ms = 0; ms < M_SLICES; ++ms) {
-#pragma unroll
-        for (int e = 0; e < D_BLOCKS * 4; ++e) o[ms][e] = 0.f;
-        row_max[ms][0] = row_max[ms][1] = neg_inf<float>();
-        row_sum[ms][0] = row_sum[ms][1] = 0.f;
-    }
+    float o[M_SLICES][D_BLOCKS * 4], row_max[M_SLICES][2], row_sum[M_SLICES][2];
+    start_rows(o, row_max, row_sum);
 
     for (int n_tile = t.first_tile; n_tile < t.end_tile; ++n_tile) {
         const int n0 = n_tile * BLOCK_N;

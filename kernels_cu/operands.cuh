@@ -37,7 +37,7 @@ struct Operands {
     static_assert(sizeof(T) == 2 && PASSES == 1, "16-bit storage: one pass");
     static constexpr int K_STEP = 16;
     struct A { unsigned r[4]; };
-    struct B { unsigned r[4]; };
+    using B = A;            // both: the four registers of one ldmatrix x4
     using Lane = unsigned;  // this lane's ldmatrix row address (shared space)
 
     // Lane addresses, computed once per tile; the loads add constant offsets.
@@ -55,25 +55,25 @@ struct Operands {
         return smem_address(tile + (lane % 8 + ((lane / 8) % 2) * 8) * pitch + (lane / 16) * 8);
     }
 
-    static __device__ __forceinline__ A a_rows(Lane lane, int pitch, int row0, int k0) {
+    // Four 8x8 blocks from (row, col) of the tile on, as ldmatrix lays them out.
+    template <bool TRANSPOSED>
+    static __device__ __forceinline__ A load(Lane lane, int pitch, int row, int col) {
         A a;
-        ldmatrix_x4(a.r, lane + (row0 * pitch + k0) * 2);
+        if (TRANSPOSED) ldmatrix_x4_trans(a.r, lane + (row * pitch + col) * 2);
+        else ldmatrix_x4(a.r, lane + (row * pitch + col) * 2);
         return a;
+    }
+    static __device__ __forceinline__ A a_rows(Lane lane, int pitch, int row0, int k0) {
+        return load<false>(lane, pitch, row0, k0);
     }
     static __device__ __forceinline__ A a_cols(Lane lane, int pitch, int k0, int col0) {
-        A a;
-        ldmatrix_x4_trans(a.r, lane + (k0 * pitch + col0) * 2);
-        return a;
+        return load<true>(lane, pitch, k0, col0);
     }
     static __device__ __forceinline__ B b_rows(Lane lane, int pitch, int n0, int k0) {
-        B b;
-        ldmatrix_x4(b.r, lane + (n0 * pitch + k0) * 2);
-        return b;
+        return load<false>(lane, pitch, n0, k0);
     }
     static __device__ __forceinline__ B b_cols(Lane lane, int pitch, int k0, int n0) {
-        B b;
-        ldmatrix_x4_trans(b.r, lane + (k0 * pitch + n0) * 2);
-        return b;
+        return load<true>(lane, pitch, k0, n0);
     }
     // Columns [8 block, 8 block + 16) of a 16-row accumulator.
     static __device__ __forceinline__ A a_acc(const float* acc, int block) {
