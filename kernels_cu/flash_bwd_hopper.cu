@@ -8,7 +8,7 @@
 // consumer warpgroups of 64 keys each, and one producer warpgroup.
 //   Producer: one thread copies K and V once, then Q and dO of every query
 //     tile (64 rows) of every query head of the group into two stages, each
-//     as soon as every consumer thread has released it; one warp writes the
+//     as soon as every consumer warp has released it; one warp writes the
 //     tile's lse (log2-scaled; +inf where a row has no probability) and delta
 //     beside it. Its warpgroup keeps 24 registers, the consumers take 240.
 //   Consumers, per query tile, each on its 64 keys (keys as rows):
@@ -78,7 +78,7 @@ struct BwdHopperShared {
 
     __device__ void init() const {
         mbarrier_init(kv_full(), 1);
-        for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS);
+        for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS / 32);
         mbarrier_init_fence();
     }
 };
@@ -101,11 +101,17 @@ struct DqAccum {
 };
 
 // The steps of a CTA: every query tile that sees its keys, for every query
-// head of its group, head by head.
+// head of its group, head by head. A Step walks them in order (a division
+// per step would cost more instructions than the step's masks).
 struct BwdSteps {
     int first_tile, per_head, count;
-    __device__ int head(const KeyTile& t, int group, int i) const { return t.h_kv * group + i / per_head; }
-    __device__ int m0(int i, int block_m) const { return (first_tile + i % per_head) * block_m; }
+};
+struct Step {
+    int h, tile;  // query head, query tile
+    __device__ Step(const KeyTile& t, int group, const BwdSteps& steps) : h(t.h_kv * group), tile(steps.first_tile) {}
+    __device__ void next(const BwdSteps& steps) {
+        if (++tile == steps.first_tile + steps.per_head) tile = steps.first_tile, ++h;
+    }
 };
 
 // The producer's copies, from one thread.
@@ -120,13 +126,14 @@ __device__ __forceinline__ void produce_tiles(const AttnParams& p, const KeyTile
         tma_load(sm.k() + a * S::BLOCK_N * 128, tma_k, 64 * a, t.h_kv, k_row, sm.kv_full());
         tma_load(sm.v() + a * S::BLOCK_N * 128, tma_v, 64 * a, t.h_kv, k_row, sm.kv_full());
     }
-    for (int i = 0; i < steps.count; ++i) {
+    Step step(t, group, steps);
+    for (int i = 0; i < steps.count; ++i, step.next(steps)) {
         if (i >= S::STAGES) mbarrier_wait(sm.stage_free(i), (i / S::STAGES - 1) & 1);
-        const int h = steps.head(t, group, i), q_row = t.queries.start + steps.m0(i, S::BLOCK_M);
+        const int q_row = t.queries.start + step.tile * S::BLOCK_M;
         mbarrier_expect_bytes(sm.stage_full(i), 2 * S::Q_BYTES);
         for (int a = 0; a < S::ATOMS; ++a) {
-            tma_load(sm.q(i) + a * S::BLOCK_M * 128, tma_q, 64 * a, h, q_row, sm.stage_full(i));
-            tma_load(sm.dout(i) + a * S::BLOCK_M * 128, tma_do, 64 * a, h, q_row, sm.stage_full(i));
+            tma_load(sm.q(i) + a * S::BLOCK_M * 128, tma_q, 64 * a, step.h, q_row, sm.stage_full(i));
+            tma_load(sm.dout(i) + a * S::BLOCK_M * 128, tma_do, 64 * a, step.h, q_row, sm.stage_full(i));
         }
     }
 }
@@ -137,12 +144,13 @@ __device__ __forceinline__ void produce_rows(const AttnParams& p, const BwdParam
                                              const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm) {
     using S = BwdHopperShared<HEAD_DIM>;
     const int group = p.heads / p.heads_kv, lane = threadIdx.x % 32;
-    for (int i = 0; i < steps.count; ++i) {
+    Step step(t, group, steps);
+    for (int i = 0; i < steps.count; ++i, step.next(steps)) {
         if (i >= S::STAGES) mbarrier_wait(sm.stage_free(i), (i / S::STAGES - 1) & 1);
-        const long long at = steps.head(t, group, i) * p.total_q + t.queries.start;
+        const long long at = step.h * p.total_q + t.queries.start;
         float* lse = (float*)__cvta_shared_to_generic(sm.rows(i));
         for (int c = lane; c < S::BLOCK_M; c += 32) {
-            const int row = steps.m0(i, S::BLOCK_M) + c;
+            const int row = step.tile * S::BLOCK_M + c;
             const bool valid = row < t.queries.len;
             const float l = valid ? ((const float*)p.lse)[at + row] : neg_inf<float>();
             // A row past the end, or one that sees no key, gets P = 0.
@@ -183,8 +191,9 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
             named_barrier_sync(1, S::CONSUMERS);
         }
     }
-    for (int i = 0; i < steps.count; ++i) {
-        const int h = steps.head(t, group, i), m0 = steps.m0(i, S::BLOCK_M);
+    Step step(t, group, steps);
+    for (int i = 0; i < steps.count; ++i, step.next(steps)) {
+        const int h = step.h, m0 = step.tile * S::BLOCK_M;
         mbarrier_wait(sm.stage_full(i), (i / S::STAGES) & 1);
         if (m0 + S::BLOCK_M > t.queries.len) {
             zero_rows_from<S::BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.q(i), t.queries.len - m0);
@@ -226,19 +235,26 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
 #pragma unroll
             for (int e = 0; e < 4; ++e)
                 s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? lse[j].y : lse[j].x)));
+        float2 delta[8];  // loaded while dP^T runs, in lse's registers
+#pragma unroll
+        for (int j = 0; j < 8; ++j) delta[j] = *(const float2*)(rows + S::BLOCK_M + 8 * j + 2 * (lane % 4));
         wgmma_wait<0>();
         fence_registers(dp);
-        const bool crosses = pair_crosses_edge<64, 64>(p, t, t.n0 + 64 * wg, m0);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int c = 8 * j + 2 * (lane % 4);
-            const float2 d = *(const float2*)(rows + S::BLOCK_M + c);
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool visible = !crosses || seen_by[e / 2].contains(m0 + c + e % 2);
-                dp[4 * j + e] = visible ? s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? d.y : d.x)) : 0.f;
-                s[4 * j + e] = visible ? s[4 * j + e] : 0.f;
-            }
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? delta[j].y : delta[j].x));
+        // Apart from the loop above, so that unmasked pairs of tiles (most)
+        // take no branch per element.
+        if (pair_crosses_edge<64, 64>(p, t, t.n0 + 64 * wg, m0)) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool visible = seen_by[e / 2].contains(m0 + 8 * j + 2 * (lane % 4) + e % 2);
+                    dp[4 * j + e] = visible ? dp[4 * j + e] : 0.f;
+                    s[4 * j + e] = visible ? s[4 * j + e] : 0.f;
+                }
         }
         unsigned pt[4][4], dst[4][4];  // P^T and dS^T as A operands, 16 queries each
 #pragma unroll
@@ -307,7 +323,8 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         wgmma_wait<0>();  // dK is done: Q and dO are free
         fence_registers(dst);
         fence_registers(dk);
-        mbarrier_arrive(sm.stage_free(i));  // from every thread: each releases its own reads of lse and delta
+        __syncwarp();  // every lane's reads of lse and delta are done: the warp releases the stage
+        if (lane == 0) mbarrier_arrive(sm.stage_free(i));
     }
     if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
