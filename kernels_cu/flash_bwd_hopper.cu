@@ -8,7 +8,7 @@
 // consumer warpgroups of 64 keys each, and one producer warpgroup.
 //   Producer: one thread copies K and V once, then Q and dO of every query
 //     tile (64 rows) of every query head of the group into two stages, each
-//     as soon as every consumer warp has released it; one warp writes the
+//     as soon as every consumer thread has released it; one warp writes the
 //     tile's lse (log2-scaled; +inf where a row has no probability) and delta
 //     beside it. Its warpgroup keeps 24 registers, the consumers take 240.
 //   Consumers, per query tile, each on its 64 keys (keys as rows):
@@ -78,7 +78,7 @@ struct BwdHopperShared {
 
     __device__ void init() const {
         mbarrier_init(kv_full(), 1);
-        for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS / 32);
+        for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS);
         mbarrier_init_fence();
     }
 };
@@ -201,6 +201,12 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
             fence_proxy_async();
             named_barrier_sync(1, S::CONSUMERS);
         }
+        // lse before the products: once they run, their operand reads keep
+        // shared memory busy and a load waits long.
+        const float* rows = (const float*)__cvta_shared_to_generic(sm.rows(i));  // lse, then delta
+        float2 lse[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) lse[j] = *(const float2*)(rows + 8 * j + 2 * (lane % 4));
 
         // S^T = K Q^T, then dP^T = V dO^T, in two groups so that P^T is computed
         // while dP^T runs: this warpgroup's 64 keys x 64 queries, K-major
@@ -224,10 +230,6 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         // then dS^T; masked elements of both become 0 (element masks only where
         // the pair of tiles crosses a mask edge or a sequence's end; dP^T may
         // be NaN there: V rows past the end).
-        const float* rows = (const float*)__cvta_shared_to_generic(sm.rows(i));  // lse, then delta
-        float2 lse[8];  // loaded before the wait: the tensor cores' operand reads keep shared memory busy
-#pragma unroll
-        for (int j = 0; j < 8; ++j) lse[j] = *(const float2*)(rows + 8 * j + 2 * (lane % 4));
         wgmma_wait<1>();
         fence_registers(s);
 #pragma unroll
@@ -323,8 +325,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         wgmma_wait<0>();  // dK is done: Q and dO are free
         fence_registers(dst);
         fence_registers(dk);
-        __syncwarp();  // every lane's reads of lse and delta are done: the warp releases the stage
-        if (lane == 0) mbarrier_arrive(sm.stage_free(i));
+        mbarrier_arrive(sm.stage_free(i));  // from every thread: each releases its own reads of lse and delta
     }
     if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
