@@ -138,14 +138,30 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     auto release = [&](unsigned barrier) {  // this warp is done reading a buffer
         if (lane == 0) mbarrier_arrive(barrier);
     };
+    // Two warpgroups take turns at issuing their products (barriers 2 and 3:
+    // "warpgroup w may issue"), so that one's softmax runs while the other's
+    // products keep the tensor cores busy; the first warpgroup starts. Each
+    // hands the turn on after issuing, except the second one at its last turn.
+    const int turns = tiles + 1;
+    int turn = 0;
+    auto take_turn = [&]() {
+        if (WARPGROUPS == 2) named_barrier_sync(2 + group, S::CONSUMERS);
+    };
+    auto pass_turn = [&]() {
+        if (WARPGROUPS == 2 && (group == 0 || turn + 1 < turns)) named_barrier_arrive(2 + (1 - group), S::CONSUMERS);
+        ++turn;
+    };
+    if (WARPGROUPS == 2 && group == 1 && tiles > 0) named_barrier_arrive(2, S::CONSUMERS);
 
     // Software pipeline: while the softmax of tile i runs on the CUDA cores,
     // the tensor cores compute P(i - 1) V(i - 1).
     if (tiles > 0) {
         mbarrier_wait(sm.q_full(), 0);
         mbarrier_wait(sm.k_full(0), 0);
+        take_turn();
         wgmma_fence();
         issue_s(0);
+        pass_turn();
         wgmma_wait<0>();
         fence_registers(s);
         release(sm.k_free(0));
@@ -156,9 +172,11 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     for (int i = 1; i < tiles; ++i) {
         mbarrier_wait(sm.k_full(i), (i / S::K_BUFFERS) & 1);
         mbarrier_wait(sm.v_full(i - 1), ((i - 1) / S::V_BUFFERS) & 1);
+        take_turn();
         wgmma_fence();
         issue_s(i);
         issue_pv(i - 1);
+        pass_turn();
         wgmma_wait<1>();  // S(i) done; P(i - 1) V(i - 1) may still run
         fence_registers(s);
         release(sm.k_free(i));
@@ -183,8 +201,10 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
             fence_proxy_async();
             named_barrier_sync(1, S::CONSUMERS);
         }
+        take_turn();
         wgmma_fence();
         issue_pv(last);
+        pass_turn();
         wgmma_wait<0>();
         fence_registers(o);
     }

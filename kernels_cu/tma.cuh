@@ -49,9 +49,13 @@ __device__ __forceinline__ void tma_load(unsigned destination, const TensorMap& 
                  : "memory");
 }
 
-// Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads.
+// Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads: sync
+// waits for all of them, arrive counts this thread's warp in and goes on.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 
 // Hand registers back to / take them from the SM's pool, per warpgroup
