@@ -61,9 +61,11 @@ struct BiasTile {
             if (4 * w < offset + bytes) cp_async_4(tile + 4 * (r * WORDS + w), first - offset + 4 * w);
         }
     }
-    // Row r's first element (key n0), once the tile is in.
+    // Row r's first element (key n0), once the tile is in; for a row that was
+    // not loaded some byte of the row's words (the offset is masked to 0..3).
     static __device__ __forceinline__ const unsigned char* row(const unsigned char* tile, int r) {
-        return tile + 4 * r * WORDS + ((const int*)(tile + ROWS * WORDS * 4))[r];
+        r = min(max(r, 0), ROWS - 1);
+        return tile + 4 * r * WORDS + (((const int*)(tile + ROWS * WORDS * 4))[r] & 3);
     }
 };
 
