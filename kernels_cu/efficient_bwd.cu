@@ -152,29 +152,46 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
             const bool crosses = pair_crosses_edge<BLOCK_M, KEY_BLOCK>(p, t, n0, m0);
             QueryRange seen_by[2] = {};  // the queries this thread's two keys see, where masks apply
             if (crosses) seen_by[0] = visible_queries(p, t, n0 + key_row), seen_by[1] = visible_queries(p, t, n0 + key_row + 8);
+            const bool plain = p.bias_kind == BIAS_NONE && !d.threshold && bg.dbias == nullptr;
+            if (plain) {  // flash_bwd.cu's loop: the scale folded into exp2
 #pragma unroll
-            for (int j = 0; j < N_BLOCKS; ++j)
+                for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = 8 * j + 2 * (lane % 4) + e % 2, i = m0 + c, key = n0 + key_row + 8 * (e / 2);
-                    float x = s[4 * j + e] * scale;
-                    if (p.bias_kind != BIAS_NONE && i < queries.len && key < keys.len)
-                        x = biased_at<T>(p, Bias::staged(p) ? Bias::row(bias_tile, c) + (key - n0) * bias_size
-                                                            : bias_address<T>(p, b, h, i, key), x);
-                    const bool visible = !crosses || seen_by[e / 2].contains(i);
-                    const float prob = visible ? fast_exp2(fmaf(x, LOG2_E, -lse_tile[c])) : 0.f;
-                    float kept = 1.f;
-                    if (d.threshold) {
-                        const uint4 w = dropout_words(d, h, queries.start + i, key / 4);
-                        kept = word_of(w, key % 4) < d.threshold ? 0.f : d.scale;
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = 8 * j + 2 * (lane % 4) + e % 2;
+                        const bool visible = !crosses || seen_by[e / 2].contains(m0 + c);
+                        const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale * LOG2_E, -lse_tile[c])) : 0.f;
+                        s[4 * j + e] = prob;
+                        dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);
                     }
-                    const float ds = prob * (dp[4 * j + e] * kept - delta_tile[c]);
-                    s[4 * j + e] = prob * kept;
-                    dp[4 * j + e] = ds;
-                    if (bg.dbias != nullptr && blockIdx.y == 0 && i < queries.len && key < keys.len)
-                        ((T*)bg.dbias)[b * bg.batch_stride + h * bg.head_stride + i * bg.row_stride + key * bg.col_stride] =
-                            from_acc<T>(ds);
-                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < N_BLOCKS; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = 8 * j + 2 * (lane % 4) + e % 2, i = m0 + c, key = n0 + key_row + 8 * (e / 2);
+                        const bool inside = i < queries.len && key < keys.len;
+                        float x = s[4 * j + e] * scale;
+                        if (p.bias_kind != BIAS_NONE && (Bias::staged(p) || inside)) {
+                            const float biased = biased_at<T>(p, Bias::staged(p) ? Bias::row(bias_tile, c) + (key - n0) * bias_size
+                                                                                  : bias_address<T>(p, b, h, i, key), x);
+                            x = inside ? biased : x;
+                        }
+                        const bool visible = !crosses || seen_by[e / 2].contains(i);
+                        const float prob = visible ? fast_exp2(fmaf(x, LOG2_E, -lse_tile[c])) : 0.f;
+                        float kept = 1.f;
+                        if (d.threshold) {
+                            const uint4 w = dropout_words(d, h, queries.start + i, key / 4);
+                            kept = word_of(w, key % 4) < d.threshold ? 0.f : d.scale;
+                        }
+                        const float ds = prob * (dp[4 * j + e] * kept - delta_tile[c]);
+                        s[4 * j + e] = prob * kept;
+                        dp[4 * j + e] = ds;
+                        if (bg.dbias != nullptr && blockIdx.y == 0 && inside)
+                            ((T*)bg.dbias)[b * bg.batch_stride + h * bg.head_stride + i * bg.row_stride +
+                                           key * bg.col_stride] = from_acc<T>(ds);
+                    }
+            }
             // dV += Pd^T dO and dK += dS^T Q over this CTA's columns: A from registers.
 #pragma unroll
             for (int kk = 0; kk < BLOCK_M / K_STEP; ++kk) {

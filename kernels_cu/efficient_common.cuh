@@ -54,14 +54,15 @@ struct BiasTile {
         const int bytes = min(COLS, cols_valid - n0) * bias_element_size(p, sizeof(T));
         for (int index = threadIdx.x; index < ROWS * WORDS; index += THREADS) {
             const int r = index / WORDS, w = index % WORDS;
-            if (m0 + r >= rows_valid) continue;
-            const unsigned char* first = bias_address<T>(p, b, h, m0 + r, n0);
+            const bool valid = m0 + r < rows_valid;
+            const unsigned char* first = valid ? bias_address<T>(p, b, h, m0 + r, n0) : nullptr;
             const int offset = (int)((unsigned long long)first % 4);
-            if (w == 0) ((int*)(tile + ROWS * WORDS * 4))[r] = offset;
-            if (4 * w < offset + bytes) cp_async_4(tile + 4 * (r * WORDS + w), first - offset + 4 * w);
+            if (w == 0) ((int*)(tile + ROWS * WORDS * 4))[r] = offset;  // rows not loaded too: aligned reads there
+            if (valid && 4 * w < offset + bytes) cp_async_4(tile + 4 * (r * WORDS + w), first - offset + 4 * w);
         }
     }
-    // Row r's first element (key n0), once the tile is in.
+    // Row r's first element (key n0), once the tile is in; a row that was not
+    // loaded reads its unwritten words.
     static __device__ __forceinline__ const unsigned char* row(const unsigned char* tile, int r) {
         return tile + 4 * r * WORDS + ((const int*)(tile + ROWS * WORDS * 4))[r];
     }

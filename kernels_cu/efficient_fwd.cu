@@ -42,33 +42,52 @@
 #define EFFICIENT_THREADS 128
 #define EFFICIENT_WARPS 4
 
-// The scale and the bias or bool mask of one thread's two rows of a score
-// tile (query first_row + 8 r, keys n0 + 8 j + 2 (lane % 4) + c), read from
-// the staged tile where there is one, else from global memory.
-template <typename T, int BLOCK_M, int N_BLOCKS>
-__device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile& t, const unsigned char* bias_tile,
-                                            int first_row, int n0, float (&s)[N_BLOCKS * 4]) {
+// The bias (BOOL_MASK: -inf where the mask hides a key) of one thread's two
+// rows of a scaled score tile (query first_row + 8 r, keys n0 + 8 j +
+// 2 (lane % 4) + c). From the staged tile: one shared load per score and a
+// select, no branch (rows and keys past the sequence read some staged byte
+// and keep their score); else from global memory, element by element.
+template <typename T, bool BOOL_MASK>
+__device__ __forceinline__ float with_bias(const unsigned char* at, float scaled) {
+    if (BOOL_MASK) return *at ? scaled : neg_inf<float>();
+    return scaled + to_acc(*(const T*)at);
+}
+
+template <typename T, int BLOCK_M, int N_BLOCKS, bool BOOL_MASK>
+__device__ __forceinline__ void add_bias(const AttnParams& p, const FlashTile& t, const unsigned char* bias_tile,
+                                         int first_row, int n0, float (&s)[N_BLOCKS * 4]) {
     using Bias = BiasTile<T, BLOCK_M, N_BLOCKS * 8>;
+    constexpr int SIZE = BOOL_MASK ? 1 : sizeof(T);
     const int lane = threadIdx.x % 32;
-    const float scale = (float)p.scale;
-    const bool staged = Bias::staged(p);
-    const int size = bias_element_size(p, sizeof(T));
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int i = first_row + 8 * r;
-        const bool row_biased = p.bias_kind != BIAS_NONE && i < t.queries.len;
-        const unsigned char* row = staged && row_biased ? Bias::row(bias_tile, i - t.m0) : nullptr;
+        const unsigned char* row = Bias::row(bias_tile, i - t.m0) + 2 * (lane % 4) * SIZE;
 #pragma unroll
         for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int key = n0 + 8 * j + 2 * (lane % 4) + c;
                 float& x = s[4 * j + 2 * r + c];
-                x *= scale;
-                if (row_biased && key < t.keys.len)
-                    x = biased_at<T>(p, staged ? row + (key - n0) * size : bias_address<T>(p, t.b, t.h, i, key), x);
+                if (Bias::staged(p)) {
+                    const float biased = with_bias<T, BOOL_MASK>(row + (8 * j + c) * SIZE, x);
+                    x = i < t.queries.len && key < t.keys.len ? biased : x;
+                } else if (i < t.queries.len && key < t.keys.len) {
+                    x = with_bias<T, BOOL_MASK>(bias_address<T>(p, t.b, t.h, i, key), x);
+                }
             }
     }
+}
+
+// S * scale plus the bias or bool mask, for one thread's two rows.
+template <typename T, int BLOCK_M, int N_BLOCKS>
+__device__ __forceinline__ void bias_scores(const AttnParams& p, const FlashTile& t, const unsigned char* bias_tile,
+                                            int first_row, int n0, float (&s)[N_BLOCKS * 4]) {
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int e = 0; e < N_BLOCKS * 4; ++e) s[e] *= scale;
+    if (p.bias_kind == BIAS_BOOL) add_bias<T, BLOCK_M, N_BLOCKS, true>(p, t, bias_tile, first_row, n0, s);
+    else if (p.bias_kind == BIAS_ADDITIVE) add_bias<T, BLOCK_M, N_BLOCKS, false>(p, t, bias_tile, first_row, n0, s);
 }
 
 // Zeroes the dropped probabilities of one thread's two rows; the two keys of
@@ -126,6 +145,10 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
 
     float o[M_SLICES][D_BLOCKS * 4], row_max[M_SLICES][2], row_sum[M_SLICES][2];
     start_rows(o, row_max, row_sum);
+    // Without a bias and with a positive scale the scale folds into the
+    // softmax's exp2, as in flash_fwd.cu, and the running max stays in S's units.
+    const bool folded = p.bias_kind == BIAS_NONE && p.scale > 0;
+    const float softmax_scale = folded ? (float)p.scale * LOG2_E : LOG2_E;
 
     for (int n_tile = t.first_tile; n_tile < t.end_tile; ++n_tile) {
         const int n0 = n_tile * BLOCK_N;
@@ -166,10 +189,11 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
         }
 #pragma unroll
         for (int ms = 0; ms < M_SLICES; ++ms) {
-            bias_scores<T, BLOCK_M, N_BLOCKS>(p, t, bias_tile, first_row(ms), n0, s[ms]);  // scaled first: any sign
+            // Scaled first where a bias or a negative scale needs it, else in the softmax's exp2.
+            if (!folded) bias_scores<T, BLOCK_M, N_BLOCKS>(p, t, bias_tile, first_row(ms), n0, s[ms]);
             if (crosses_edge<BLOCK_N>(p, t, n0)) mask_scores<N_BLOCKS>(p, t, first_row(ms), n0, s[ms]);
             float rescale[2];
-            softmax_scores<N_BLOCKS>(s[ms], row_max[ms], row_sum[ms], LOG2_E, rescale);
+            softmax_scores<N_BLOCKS>(s[ms], row_max[ms], row_sum[ms], softmax_scale, rescale);
             rescale_rows<D_BLOCKS>(o[ms], rescale);
             if (d.threshold) drop<N_BLOCKS>(d, t, first_row(ms), n0, s[ms]);
         }
@@ -191,6 +215,6 @@ efficient_fwd(const AttnParams p, const int* order, const int* tile_offsets, con
 
 #pragma unroll
     for (int ms = 0; ms < M_SLICES; ++ms)
-        write_rows<T, D_BLOCKS>(p, t, first_row(ms), o[ms], row_max[ms], row_sum[ms], 1.f, d.threshold ? d.scale : 1.f,
-                                p.head_dim);
+        write_rows<T, D_BLOCKS>(p, t, first_row(ms), o[ms], row_max[ms], row_sum[ms], folded ? (float)p.scale : 1.f,
+                                d.threshold ? d.scale : 1.f, p.head_dim);
 }
