@@ -18,6 +18,8 @@
 //        dS^T = P^T * (dP^T - delta)        -> dbias (unscaled), if asked
 //        dK += dS^T Q
 //      dK and dV stay in registers for the whole CTA (no atomics for GQA).
+//      A call without bias, dropout or dbias takes flash_bwd.cu's plain loop
+//      for P^T and dS^T (the scale folded into exp2).
 //   3. dS^T goes through shared memory; the warps then split the query
 //      rows (and, at BLOCK_M 32, the columns), dQ = scale dS K, added to a
 //      float32 accumulator: on sm_90 staged in the free Q / dO tiles and
@@ -30,13 +32,14 @@
 // calls go to the math backend.
 //
 // Tiles: 4 warps, 64 keys. OUT_COLS (varattn/backends/efficient.py): fp16 /
-// bf16 the head dim up to 128, half of it past that; nvcc spills 50 to 150
-// bytes at 96 to 128 columns, which still beats recomputing S^T and dP^T
-// (H200, W8 forward + backward: 64 columns 28.6 ms, 128 columns 19.5 ms).
-// fp32 at most 64 (48 at head dim 96), no spills. BLOCK_M 64, except fp32
-// past head dim 128: 32, so that the 4-byte K, V, Q and dO tiles fit in
-// shared memory (217 KB at head dim 256: sm_90 only; the host declines what
-// the device cannot hold).
+// bf16 the head dim up to 128, half of it past that; ptxas (NVRTC, CUDA 13)
+// spills 60 to 84 bytes at 96 to 128 columns on sm_90a (up to 212 on
+// sm_80), which still beats recomputing S^T and dP^T (H200, W8 forward +
+// backward: 64 columns 28.6 ms, 128 columns 19.5 ms). fp32 at most 64 (48
+// at head dim 96; 44 bytes spilled at head dim 64 with three passes).
+// BLOCK_M 64, except fp32 past head dim 128: 32, so that the 4-byte K, V,
+// Q and dO tiles fit in shared memory (217 KB at head dim 256: sm_90 only;
+// the host declines what the device cannot hold).
 #include "flash_bwd_common.cuh"
 #include "efficient_common.cuh"
 #include "operands.cuh"

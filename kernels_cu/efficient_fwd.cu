@@ -10,11 +10,13 @@
 //   1. S = Q K^T on tensor cores (operands.cuh: mma.sync m16n8k16 for fp16
 //      and bf16, m16n8k8 on TF32 for fp32, split in three for fp32 accuracy
 //      unless allow_tf32).
-//   2. S * scale plus the bias (or -inf where the bool mask hides a key),
-//      then the causal / window / length masks on tiles that cross an edge
-//      (after the scale, which may be negative). A bias with adjacent keys
+//   2. With a bias or bool mask (or a negative scale): S * scale plus the
+//      bias (or -inf where the mask hides a key), then the causal / window /
+//      length masks on tiles that cross an edge. A bias with adjacent keys
 //      is staged in shared memory with the V tile (BiasTile: coalesced
-//      4-byte cp.async words), any other is read per element.
+//      4-byte cp.async words) and read with one shared load and a select per
+//      score, any other is read per element. Without: the masks on S, and
+//      the scale goes into the softmax's exp2 as in flash_fwd.cu.
 //   3. Online softmax in base 2 on the biased scores; the row sums count
 //      every probability, then dropout zeroes the dropped ones (Philox, one
 //      call per row and four keys, efficient_common.cuh) before O += P V, and

@@ -27,8 +27,10 @@
 //   query heads: no atomics for GQA), scaled and written once at the end.
 // Copies bring whole tiles: rows past the sequence's end hold other data,
 // which could be Inf or NaN. Those rows of K, Q and dO are zeroed in shared
-// memory before use (V's only meet masked probabilities); masked elements of
-// P^T and dS^T are set to 0, not computed.
+// memory before use (V's only meet masked probabilities). Where a pair of
+// tiles crosses a mask edge or a sequence's end, masked elements of P^T and
+// dS^T are then set to 0 by selects; the other pairs (most) take no branch
+// or compare per element.
 //
 // Tiles: BLOCK_N = 128 keys so that one K/V tile feeds two warpgroups; each
 // warpgroup holds dK and dV (64 + 64 fp32 per thread), S^T and dP^T (32 +
@@ -38,10 +40,13 @@
 // buffers (16 KB each: one warpgroup may start the next tile while the other
 // still reads the last dS), dQ staging (16 KB per warpgroup), lse and delta:
 // 194 KB, one CTA per SM. Registers (nvcc 13.0 -Xptxas -v): the 168 of the
-// launch, 240 for the consumers after setmaxnreg, 20 bytes spilled (values
-// fixed per CTA, reloaded once a step); no wgmma serialisation.
+// launch, 240 for the consumers after setmaxnreg, no spills; no wgmma
+// serialisation.
 // Measured (H200, bf16, W1 main pass): 3.50 ms with S^T and dP^T in one
-// group and dQ staged after every wgmma; 3.13 ms as above (342 TFLOP/s
+// group and dQ staged after every wgmma; 3.07 ms with one select per
+// element masked or not (its branches and convergence barriers took a
+// quarter of the loop's instructions) and a division per step; about 2.3 ms
+// as above (W1 forward + backward 4.60 -> 3.79 ms; some 430 TFLOP/s
 // counting the backward as 2.5x the forward's FLOPs).
 #include "flash_bwd_common.cuh"
 #include "tma.cuh"

@@ -16,7 +16,10 @@
 //     MN-major, m64nHEAD_DIMk16); the masks and online softmax of S(i)
 //     (flash_common.cuh) run on the CUDA cores while the tensor cores finish
 //     P(i-1) V(i-1); each warp releases K(i) and V(i-1) once its wgmma reads
-//     are done. No CTA-wide barrier in the loop: warpgroups drift freely.
+//     are done. No CTA-wide barrier in the loop. Two warpgroups take turns
+//     at issuing their products (two named barriers), so that the tensor
+//     cores run one's while the other computes its softmax; measured on the
+//     H200 (forward alone, CUDA events) W1 1.20 -> 1.11 ms, W4 1.05 -> 0.92.
 //   Then O / l and the LSE, once (flash_common.cuh: write_rows).
 // Copies bring whole tiles, so rows past a sequence's end hold other data;
 // the masks hide them from S, and the last V tile's are zeroed before P V.
