@@ -164,30 +164,22 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                     mma_16x16<T>(&dp[8 * np], av, bo);
                 }
             }
-            // P^T and dS^T in place (query rows past the end have P = 0
-            // through their lse); then, only where the pair of tiles crosses a
-            // mask edge or the keys' end, masked elements become 0 (selects:
-            // they may hold Inf or NaN).
+            // P^T and dS^T in place; masked elements become 0. Element masks
+            // only where the pair of tiles crosses a mask edge or the keys' end
+            // (query rows past the end have P = 0 through their lse).
+            const bool crosses = pair_crosses_edge<BWD_BLOCK, BWD_BLOCK>(p, t, n0, m0);
+            QueryRange seen_by[2] = {};  // the queries this thread's two keys see, where masks apply
+            if (crosses) seen_by[0] = visible_queries(p, t, n0 + key_row), seen_by[1] = visible_queries(p, t, n0 + key_row + 8);
 #pragma unroll
             for (int j = 0; j < N_BLOCKS; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int c = 8 * j + 2 * (lane % 4) + e % 2;
-                    const float prob = fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c]));
+                    const bool visible = !crosses || seen_by[e / 2].contains(m0 + c);
+                    const float prob = visible ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -lse_tile[c])) : 0.f;
                     s[4 * j + e] = prob;
                     dp[4 * j + e] = prob * (dp[4 * j + e] - delta_tile[c]);
                 }
-            if (pair_crosses_edge<BWD_BLOCK, BWD_BLOCK>(p, t, n0, m0)) {
-                const QueryRange seen_by[2] = {visible_queries(p, t, n0 + key_row), visible_queries(p, t, n0 + key_row + 8)};
-#pragma unroll
-                for (int j = 0; j < N_BLOCKS; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const bool visible = seen_by[e / 2].contains(m0 + 8 * j + 2 * (lane % 4) + e % 2);
-                        s[4 * j + e] = visible ? s[4 * j + e] : 0.f;
-                        dp[4 * j + e] = visible ? dp[4 * j + e] : 0.f;
-                    }
-            }
             // dV += P^T dO and dK += dS^T Q: A from registers, B transposed from shared memory.
 #pragma unroll
             for (int kk = 0; kk < BWD_BLOCK / 16; ++kk) {
