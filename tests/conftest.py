@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import varattn
-from varattn.nested import NestedForm
+from varattn.frontends.nested import StridedSide
 from varattn.params import AttentionParams
 
 # Relative error ||out - ref|| / ||ref|| allowed per dtype; lse absolute.
@@ -59,14 +59,14 @@ def poisoned_outputs(monkeypatch):
         return wrapper
     monkeypatch.setattr(AttentionParams, "new_out", poisoned(new_out))
     monkeypatch.setattr(AttentionParams, "new_lse", poisoned(new_lse))
-    new_output = NestedForm.new_output
+    new_nested = StridedSide.new_nested
 
     def poisoned_nested(self, *args):
-        out, nested = new_output(self, *args)
-        if out is not None:
-            out.fill_(math.nan)
-        return out, nested
-    monkeypatch.setattr(NestedForm, "new_output", poisoned_nested)
+        made = new_nested(self, *args)
+        if made is not None:
+            made[0].fill_(math.nan)
+        return made
+    monkeypatch.setattr(StridedSide, "new_nested", poisoned_nested)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import torch
 import reference
 import varattn
 from conftest import allow_tf32
-from varattn import Backend, dispatch, loader
+from varattn import Backend, dispatch
+from varattn.cuda import loader
 from varattn.backends import REGISTRY, efficient
 from varattn.params import build_params
 

@@ -12,7 +12,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import reference
 import varattn
 from conftest import TOLERANCE
-from varattn import nested, padded
+from varattn.frontends import nested, padded
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 HEADS, HEAD_DIM = 4, 16
@@ -61,8 +61,8 @@ def test_nested(gen, device, layout, options):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
 def test_nested_repeated_calls(gen, device, layout):
-    """Calls on the same NestedTensors reuse the validated call (varattn/repeat.py):
-    each still gets a fresh output, sees changed data and follows changed options."""
+    """Calls on the same NestedTensors each get a fresh output, see changed
+    data and follow changed options."""
     lengths = reference.lengths(gen, 4, 11)
     q, parts_q = nested_batch(gen, lengths, device, layout)
     k, parts_k = nested_batch(gen, lengths, device, layout)
@@ -90,7 +90,7 @@ def test_jagged_with_holes(gen, device):
     starts, lengths = torch.tensor([0, 3, 1, 5]), torch.tensor([7, 0, 11, 1])
     nt = torch.nested.narrow(base, 1, starts.to(device), lengths.to(device), layout=torch.jagged)
     nt = nt.view(4, -1, HEADS, HEAD_DIM).transpose(1, 2)
-    ragged, _ = nested.unpack(nt, 2, "q")
+    ragged = nested.side(nt, 2, "q", False).rows()
     assert ragged.seqused is not None and ragged.values.data_ptr() == base.data_ptr()  # no copy
     out = varattn.attention(nt, nt, nt, causal=True)
     parts = [base[b, s:s + n].view(n, HEADS, HEAD_DIM) for b, (s, n) in enumerate(zip(starts.tolist(), lengths.tolist()))]
@@ -102,9 +102,10 @@ def test_jagged_with_holes(gen, device):
 @pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
 def test_nested_round_trip(gen, layout):
     nt, parts = nested_batch(gen, [3, 0, 8, 1], "cpu", layout)
-    ragged, form = nested.unpack(nt, 2, "q")
+    side = nested.side(nt, 2, "q", False)
+    ragged = side.rows()
     assert ragged.values.data_ptr() == nt.values().data_ptr()  # zero-copy view
-    rebuilt = form.rebuild(ragged.values.clone())
+    rebuilt = side.nested(ragged.values.clone())
     for a, b in zip(rebuilt.unbind(), nt.unbind()):
         assert torch.equal(a, b)
 
@@ -114,7 +115,7 @@ def test_strided_chunks_of_one_projection_are_views(gen):
     x = torch.nested.nested_tensor([reference.randn(gen, n, 3 * HEADS * HEAD_DIM, dtype=torch.float64) for n in (4, 0, 6)])
     q, k, v = (t.view(3, -1, HEADS, HEAD_DIM).transpose(1, 2) for t in x.chunk(3, -1))
     for name, t in (("q", q), ("k", k), ("v", v)):
-        ragged, _ = nested.unpack(t, 2, name)
+        ragged = nested.side(t, 2, name, False).rows()
         assert ragged.values.untyped_storage().data_ptr() == x.values().untyped_storage().data_ptr()
 
 

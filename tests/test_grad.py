@@ -10,6 +10,7 @@ import torch
 import reference
 import varattn
 from test_varlen import FLASH_MASKS, MASKS
+from varattn import run
 from varattn.backends import flash
 
 # Gradients accumulate over a whole sequence and pass through P and dS in
@@ -195,10 +196,11 @@ def test_explain_says_why_flash_cannot_train(gen):
     assert not any("backward" in r for r in reasons)
 
 
-def test_no_grad_calls_bypass_the_custom_op(gen, monkeypatch):
+def test_no_grad_calls_bypass_autograd(gen, monkeypatch):
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5, 3], [4, 6], 2, 2, 8, dtype=torch.float64)
-    monkeypatch.setattr(varattn.ops, "attention", None)  # calling it would raise
-    varattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 6)
+    monkeypatch.setattr(run._Attention, "apply", None)  # calling it would raise
+    out = varattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 6)
+    assert out.grad_fn is None
     with pytest.raises(TypeError):
         varattn.varlen_attention(q.requires_grad_(), k, v, cu_q, cu_k, 5, 6)
 

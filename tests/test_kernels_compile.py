@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import varattn
-from varattn import kernel_params, loader
+from varattn.cuda import loader, structs
 
 pytestmark = pytest.mark.skipif(loader.cupy_missing_reason() is not None,
                                 reason=str(loader.cupy_missing_reason()))
@@ -25,9 +25,11 @@ def test_compiles(family, arch):
     assert len(cubin) > 1000
 
 
-def test_host_and_device_params_layouts_agree():
+@pytest.mark.parametrize("mirror", structs.STRUCTS, ids=lambda s: s.name)
+def test_host_mirrors_match_the_kernel_structs(mirror):
+    """Every struct the kernels take by value has the layout of its host mirror (varattn/cuda/structs.py)."""
     try:
-        loader.compile_for_arch(loader.source("math") + kernel_params.layout_assertions(), [], "sm_80")
+        loader.compile_for_arch(loader.expanded(mirror.source) + mirror.layout_assertions(), [], "sm_80")
     except varattn.KernelCompileError as error:
         if '"__builtin_offsetof" is undefined' in str(error):  # NVRTC 13.0 lacks it; 13.5 (CI) has it
             pytest.skip("this NVRTC has no __builtin_offsetof")

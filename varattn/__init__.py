@@ -8,15 +8,15 @@ Front ends:
 Dispatch:
     Backend, use_backends(...), explain(...)
 """
-from . import nn
 from .backends import Backend
 from .checks import set_device_checks
+from .cuda.loader import KernelCompileError
 from .dispatch import Explanation, NoBackendError, use_backends
-from .explain import explain
-from .frontend import attention
-from .loader import KernelCompileError
-from .sdpa import scaled_dot_product_attention
-from .varlen import varlen_attention
+from .frontends import nn
+from .frontends.batched import attention
+from .frontends.explain import explain
+from .frontends.packed import varlen_attention
+from .frontends.sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
 from .backends import REGISTRY, Backend
 
 _allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
@@ -100,19 +99,3 @@ def select(params, allowed=None):
     finally:
         _allowed.reset(token)
     raise NoBackendError("varattn: no backend can run this call.\n" + why)
-
-
-def run(params):
-    """(out, lse) from the chosen backend; lse may be None unless params.return_lse.
-
-    A call that needs gradients, or is traced by torch.compile, goes through
-    the custom op (varattn/ops.py); any other calls the backend directly.
-    """
-    if params.requires_grad or torch.compiler.is_compiling():
-        return ops.attention(params)
-    return select(params).forward(params)
-
-
-def prepare(params):
-    """The chosen backend's runner for the call: `out -> (out, lse)`."""
-    return select(params).prepare(params)

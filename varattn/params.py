@@ -4,7 +4,8 @@ Every front end turns its inputs into the packed form (DESIGN.md) and builds an
 `AttentionParams`; dispatch, the backends and `explain()` read only this.
 Building it validates the inputs on the host: it never reads device memory
 unless the caller left `max_seqlen_*` out or turned device checks on
-(`varattn.set_device_checks`).
+(`varattn.set_device_checks`). It is built once per call and treated as
+immutable: changed copies are made with `dataclasses.replace`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,20 @@ from . import checks
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
 
-@dataclass(frozen=True)
+def needs_grad(*tensors) -> bool:
+    """Whether a backward will follow: grad mode is on and one of `tensors` (None
+    allowed) requires grad. The one rule every front end and build_params use;
+    NestedTensors' torch-function layer is bypassed, as reading a property
+    through it costs microseconds."""
+    if not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return any(t is not None and t.requires_grad for t in tensors)
+    with torch._C.DisableTorchFunctionSubclass():
+        return any(t is not None and t.requires_grad for t in tensors)
+
+
+@dataclass(slots=True)
 class AttentionParams:
     q: torch.Tensor                        # (total_q, H, D)
     k: torch.Tensor                        # (total_k, H_kv, D)
@@ -36,7 +50,7 @@ class AttentionParams:
     attn_bias: torch.Tensor | None         # (B, H, >=max_seqlen_q, >=max_seqlen_k), broadcast by strides
     dropout_p: float
     return_lse: bool
-    out: torch.Tensor | None = None        # (total_q, H, D_v) to write into (a backend's prepare() sets it)
+    out: torch.Tensor | None = None        # (total_q, H, D_v) for the forward to write into, or None: its own
     requires_grad: bool = False            # grad mode on and an input requires grad: a backward will follow
     deterministic: bool = False            # the backward must give the same bits on every run
     dropout_state: tuple[int, int] | None = None  # (seed, offset) of the call's dropout stream (varattn/dropout.py)
@@ -112,8 +126,15 @@ def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
     attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
+    requires_grad=None, out=None,
 ) -> AttentionParams:
-    """Validate packed inputs (host-side) and describe the call."""
+    """Validate packed inputs (host-side) and describe the call.
+
+    requires_grad: whether a backward will follow; None: `needs_grad` of q, k,
+    v and attn_bias. A front end that packs tensors of its own (NestedTensors'
+    rows, read without autograd) passes `needs_grad` of the caller's.
+    out: a (total_q, H, D_v) buffer of q's dtype and device for the forward to
+    write into (a front end's output made ahead), or None."""
     checks.packed_qkv(q, k, v)
     batch = checks.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
     batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
@@ -139,8 +160,8 @@ def build_params(
     checks.flag(deterministic, "deterministic")
     if attn_bias is not None:
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_bias))
+    if requires_grad is None:
+        requires_grad = needs_grad(q, k, v, attn_bias)
     # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
     if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
         checks.lengths_content(cu_seqlens_q, seqused_q, q.shape[0], max_seqlen_q, "q")
@@ -152,5 +173,5 @@ def build_params(
         causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
         attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
         requires_grad=requires_grad,
-        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out,
     )

@@ -1,12 +1,15 @@
 """The backends, in the order dispatch tries them.
 
-A backend is a module with `CAPABILITIES`, `reasons(params) -> list[str]`
-(empty when it can run the call), `forward(params) -> (out, lse)` and
-`prepare(params)`, a callable that runs the call into a given output buffer
-(`out -> (out, lse)`), for front ends that repeat a call, and
-`backward(params, out, lse, grad_out, grad_lse, bias_grad) -> (dq, dk, dv,
-dbias or None)` when its CAPABILITIES say `backward`. The ones
-not built yet are listed with `None` so that `explain()` can say so.
+A backend is a module with one protocol:
+- `CAPABILITIES`, what it supports, and `reasons(params) -> list[str]`, why
+  it cannot run a call (empty when it can); dispatch reads only these;
+- `forward(params) -> (out, lse)`: out is `params.new_out()` (the caller's
+  buffer when params.out is set), lse is (H, total_q) or None when neither
+  the caller nor a backward needs it; params carry the call's dropout
+  stream when dropout_p > 0 (run.py draws it, once per call);
+- `backward(params, out, lse, grad_out, grad_lse, bias_grad) -> (dq, dk, dv,
+  dbias or None)`, when CAPABILITIES say `backward`.
+The ones not built yet are listed with `None` so that `explain()` can say so.
 """
 from __future__ import annotations
 

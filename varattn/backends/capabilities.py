@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import loader
+from ..cuda import loader
 
 
 @dataclass(frozen=True)

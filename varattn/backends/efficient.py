@@ -18,12 +18,12 @@ gradients is left to the math backend.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
 
-from .. import dropout, kernel_params, loader
+from .. import dropout
+from ..cuda import loader, structs
 from . import capabilities, tiled
 
 CAPABILITIES = capabilities.Capabilities(
@@ -54,8 +54,6 @@ BACKWARD_BLOCK_N = 64  # keys per CTA in the backward
 # 19.5 ms); fp32: at most 64, three-pass operands taking the room.
 HALF_BACKWARD_OUT_COLS = {32: 32, 64: 64, 96: 96, 128: 128, 192: 96, 256: 128}
 FP32_BACKWARD_OUT_COLS = {32: 32, 64: 64, 96: 48, 128: 64, 192: 64, 256: 64}
-_DROPOUT = struct.Struct("<QQIf")     # kernels_cu/efficient_common.cuh: struct Dropout
-_BIAS_GRAD = struct.Struct("<Qqqqq")  # kernels_cu/efficient_bwd.cu: struct BiasGrad (pointer, b/h/i/j strides)
 
 
 def tf32_allowed() -> bool:
@@ -164,64 +162,33 @@ def _shared_memory_reasons(params) -> list[str]:
 def dropout_args(params) -> bytes:
     """The Dropout struct of the call's stream (threshold 0: no dropout)."""
     if params.dropout_p == 0:
-        return _DROPOUT.pack(0, 0, 0, 1.0)
+        return structs.DROPOUT.pack(0, 0, 0, 1.0)
     if params.dropout_state is None:
-        raise RuntimeError("varattn: dropout needs the call's stream (dropout.drawn) before its kernels run")
+        raise RuntimeError("varattn: dropout needs the call's stream (run.py draws it) before its kernels run")
     seed, offset = params.dropout_state
-    return _DROPOUT.pack(seed, offset, dropout.threshold(params.dropout_p), 1.0 / (1.0 - params.dropout_p))
-
-
-class Launch:
-    """An efficient forward prepared for one call's tensors: kernels, grid,
-    packed parameters and the tile plan (as flash.Launch). Calling it with
-    an output buffer runs the forward and returns (out, lse); lse is None
-    when neither the caller nor a backward needs it.
-
-    Each run draws its own dropout stream unless the call came with one (a
-    call that needs gradients: ops drew it and keeps it for the backward);
-    fp32 follows the TF32 setting of the moment of the run."""
-
-    def __init__(self, params):
-        self.params = params
-        self.needs_lse = params.return_lse or params.requires_grad
-        self.empty = params.total_q == 0 or params.batch_size == 0 or params.num_heads == 0
-        if self.empty:
-            return
-        device, batch = params.device, params.batch_size
-        self._kernels = {}  # passes -> (Instance, loader.Kernel)
-        block_m = forward_instance(params.dtype, params.head_dim, 1).block_m
-        self.plan = tiled.Plan(loader.kernel("efficient_fwd", f"flash_plan<{block_m}>", device), batch, device)
-        self.grid = (tiled.tiles_upper_bound(params.total_q, block_m, batch) * params.num_heads,)
-        self.packed = kernel_params.pack(params, None, None)
-
-    def _kernel(self):
-        count = passes(self.params.dtype)
-        found = self._kernels.get(count)
-        if found is None:
-            instance = forward_instance(self.params.dtype, self.params.head_dim, count)
-            found = self._kernels[count] = (instance, instance.load("efficient_fwd", self.params.device))
-        return found
-
-    def __call__(self, out):
-        params = dropout.drawn(self.params)
-        lse = params.new_lse() if self.needs_lse else None
-        if self.empty:
-            return out, lse
-        instance, kernel = self._kernel()
-        packed = kernel_params.with_outputs(self.packed, out, lse)
-        stream = loader.current_stream(kernel)
-        plan_args = self.plan.args(packed, stream)
-        loader.launch(kernel, self.grid, (THREADS,), loader.Args(packed, *plan_args, dropout_args(params)),
-                      shared_mem=instance.shared_mem_for(params), stream=stream)
-        return out, lse
-
-
-def prepare(params) -> Launch:
-    return Launch(params)
+    return structs.DROPOUT.pack(seed, offset, dropout.threshold(params.dropout_p), 1.0 / (1.0 - params.dropout_p))
 
 
 def forward(params):
-    return Launch(params)(params.new_out())
+    """(out, lse): out `params.new_out()`, which the kernel fills; lse None
+    when neither the caller nor a backward needs it. The call's dropout
+    stream must be drawn (run.py does); fp32 follows the TF32 setting of the
+    moment."""
+    out = params.new_out()
+    lse = params.new_lse() if params.return_lse or params.requires_grad else None
+    if params.total_q == 0 or params.batch_size == 0 or params.num_heads == 0:
+        return out, lse
+    device, batch = params.device, params.batch_size
+    instance = forward_instance(params.dtype, params.head_dim, passes(params.dtype))
+    plan_kernel = loader.kernel("efficient_fwd", f"flash_plan<{instance.block_m}>", device)
+    kernel = instance.load("efficient_fwd", device)
+    packed = structs.attn_params(params, out, lse)
+    stream = loader.current_stream(kernel)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    grid = (tiled.tiles_upper_bound(params.total_q, instance.block_m, batch) * params.num_heads,)
+    loader.launch(kernel, grid, (THREADS,), loader.Args(packed, *plan_args, dropout_args(params)),
+                  shared_mem=instance.shared_mem_for(params), stream=stream)
+    return out, lse
 
 
 def backward(params, out, lse, grad_out, grad_lse, bias_grad):
@@ -247,17 +214,16 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     delta_kernel = loader.kernel("efficient_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
     plan_kernel = loader.kernel("efficient_bwd", f"flash_plan<{BACKWARD_BLOCK_N}, true>", device)
     bwd_kernel = instance.load("efficient_bwd", device)
-    packed = kernel_params.pack(params, out, lse)
+    packed = structs.attn_params(params, out, lse)
     # No dQ turns (never deterministic) and no query-tile slots: dq_accum is (total_q, H, head_dim).
-    grads = tiled.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+    grads = structs.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                   delta.data_ptr(), 0 if grad_lse is None else grad_lse.data_ptr(), 0,
                                   grad_out.stride(0), grad_out.stride(1), 0)
-    bias_grads = _BIAS_GRAD.pack(0, 0, 0, 0, 0) if dbias is None else _BIAS_GRAD.pack(dbias.data_ptr(), *dbias.stride())
+    bias_grads = (structs.BIAS_GRAD.pack(0, 0, 0, 0, 0) if dbias is None
+                  else structs.BIAS_GRAD.pack(dbias.data_ptr(), *dbias.stride()))
     stream = loader.current_stream(bwd_kernel)
-    loader.launch(delta_kernel, (-(-params.total_q // (tiled.DELTA_THREADS // 32)),), (tiled.DELTA_THREADS,),
-                  loader.Args(packed, grads), stream=stream)
-    plan = tiled.Plan(plan_kernel, batch, device)
-    plan_args = plan.args(packed, stream)
+    tiled.launch_delta(delta_kernel, packed, grads, params.total_q, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
     grid = (tiled.tiles_upper_bound(params.total_k, BACKWARD_BLOCK_N, batch) * params.num_heads_kv,
             instance.column_splits)
     loader.launch(bwd_kernel, grid, (THREADS,), loader.Args(packed, *plan_args, grads, bias_grads, dropout_args(params)),

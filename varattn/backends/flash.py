@@ -11,12 +11,13 @@ LSE, head dims 32 to 256; no bias, no dropout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from .. import kernel_params, loader, tensor_map
+from ..cuda import loader, structs, tensor_map
 from . import capabilities, tiled
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -103,60 +104,40 @@ def reasons(params) -> list[str]:
     return found
 
 
-class Launch:
-    """A flash forward prepared for one call's tensors: the kernels, the grid,
-    the packed parameters and, once computed, the tile plan. Calling it with
-    an output buffer (from `params.new_out()`, or any of that layout the
-    kernel fills completely) launches the forward and returns (out, lse); lse
-    is None when neither the caller nor a backward needs it.
-
-    The plan depends only on the lengths, which a front end's cached call
-    keeps unchanged, so it is computed once per stream and reused.
-    """
-
-    def __init__(self, params):
-        self.params = params
-        self.needs_lse = params.return_lse or params.requires_grad
-        self.empty = params.total_q == 0 or params.batch_size == 0
-        if self.empty:
-            return
-        device, batch = params.device, params.batch_size
-        chosen = kernel_for(params.head_dim, loader.arch_of(device))
-        self.tensor_maps = ()
-        if chosen.family == "flash_fwd_hopper":
-            try:
-                self.tensor_maps = (tensor_map.rows(params.q, chosen.block_m), tensor_map.rows(params.k, chosen.block_n),
-                                    tensor_map.rows(params.v, chosen.block_n))
-            except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
-                log.info("varattn: %s; using the mma.sync kernel", error)
-                chosen = MMA_SYNC[params.head_dim]
-        self.plan_kernel = loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device)
-        self.fwd_kernel = loader.kernel(chosen.family, chosen.instance(params.dtype, params.head_dim), device,
-                                        dynamic_shared_mem=chosen.shared_mem)
-        tiles = tiled.tiles_upper_bound(params.total_q, chosen.block_m, batch)
-        self.grid, self.threads, self.shared_mem = (tiles * params.num_heads,), (chosen.threads,), chosen.shared_mem
-        self.packed = kernel_params.pack(params, None, None)
-        self.plan = tiled.Plan(self.plan_kernel, batch, device)
-
-    def __call__(self, out):
-        params = self.params
-        lse = params.new_lse() if self.needs_lse else None
-        if self.empty:
-            return out, lse
-        packed = kernel_params.with_outputs(self.packed, out, lse)
-        stream = loader.current_stream(self.fwd_kernel)
-        plan_args = self.plan.args(packed, stream)
-        loader.launch(self.fwd_kernel, self.grid, self.threads, loader.Args(packed, *plan_args, *self.tensor_maps),
-                      shared_mem=self.shared_mem, stream=stream)
-        return out, lse
-
-
-def prepare(params) -> Launch:
-    return Launch(params)
+@functools.lru_cache(maxsize=None)
+def _forward_kernels(chosen: Kernel, dtype: torch.dtype, head_dim: int, device_index: int):
+    """(plan kernel, forward kernel) of `chosen` for the call's dtype, head dim and device."""
+    device = torch.device("cuda", device_index)
+    return (loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
+            loader.kernel(chosen.family, chosen.instance(dtype, head_dim), device, dynamic_shared_mem=chosen.shared_mem))
 
 
 def forward(params):
-    return Launch(params)(params.new_out())
+    """(out, lse): out `params.new_out()`, which the kernel fills; lse None
+    when neither the caller nor a backward needs it."""
+    out = params.new_out()
+    lse = params.new_lse() if params.return_lse or params.requires_grad else None
+    q, k, v = params.q, params.k, params.v
+    batch = params.cu_seqlens_q.shape[0] - 1
+    if q.shape[0] == 0 or batch == 0:
+        return out, lse
+    device, head_dim = q.device, q.shape[2]
+    chosen, maps = kernel_for(head_dim, loader.arch_of(device)), ()
+    if chosen.family == "flash_fwd_hopper":
+        try:
+            maps = (tensor_map.rows(q, chosen.block_m), tensor_map.rows(k, chosen.block_n),
+                    tensor_map.rows(v, chosen.block_n))
+        except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
+            log.info("varattn: %s; using the mma.sync kernel", error)
+            chosen = MMA_SYNC[head_dim]
+    plan_kernel, fwd_kernel = _forward_kernels(chosen, q.dtype, head_dim, device.index)
+    packed = structs.attn_params(params, out, lse)
+    stream = loader.current_stream(fwd_kernel)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    grid = (tiled.tiles_upper_bound(q.shape[0], chosen.block_m, batch) * q.shape[1],)
+    loader.launch(fwd_kernel, grid, (chosen.threads,), loader.Args(packed, *plan_args, *maps),
+                  shared_mem=chosen.shared_mem, stream=stream)
+    return out, lse
 
 
 # The backward: kernels_cu/flash_bwd.cu (mma.sync, 64 x 64 tiles, head dims up
@@ -242,19 +223,16 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
     plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, true>", device)
     bwd_kernel = loader.kernel(main.family, main.name, device, dynamic_shared_mem=main.shared_mem)
-    packed = kernel_params.pack(params, out, lse)
+    packed = structs.attn_params(params, out, lse)
     turns = (torch.zeros(params.num_heads * tiles_per_head, dtype=torch.int32, device=device)
              if params.deterministic else None)
-    grads = tiled.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+    grads = structs.BWD_PARAMS.pack(grad_out.data_ptr(), dq_accum.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                   delta.data_ptr(), 0 if grad_lse is None else grad_lse.data_ptr(),
                                   0 if turns is None else turns.data_ptr(), grad_out.stride(0), grad_out.stride(1),
                                   tiles_per_head)
     stream = loader.current_stream(bwd_kernel)
-    rows_per_block = tiled.DELTA_THREADS // 32
-    loader.launch(delta_kernel, (-(-params.total_q // rows_per_block),), (tiled.DELTA_THREADS,),
-                  loader.Args(packed, grads), stream=stream)
-    plan = tiled.Plan(plan_kernel, batch, device)
-    plan_args = plan.args(packed, stream)
+    tiled.launch_delta(delta_kernel, packed, grads, params.total_q, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
     tiles = tiled.tiles_upper_bound(params.total_k, main.block_n, batch)
     loader.launch(bwd_kernel, (tiles * params.num_heads_kv,), (main.threads,),
                   loader.Args(packed, *plan_args, grads, *main.tensor_maps), shared_mem=main.shared_mem, stream=stream)

@@ -7,10 +7,10 @@ WORKSPACE_BYTES, so memory stays bounded whatever the batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
-from .. import checks, dropout, loader
+from .. import checks
+from ..cuda import loader
 from . import capabilities, math_cpu, math_cuda
 
 CAPABILITIES = capabilities.Capabilities(
@@ -56,7 +56,7 @@ def rows_per_chunk(params, matrices: int = 1) -> int:
 
 
 def forward(params):
-    params = dropout.drawn(params)
+    """(out, lse) of the call; its dropout stream must be drawn (run.py does)."""
     return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))
 
 
@@ -66,8 +66,3 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
         return math_cuda.backward(params, out, lse, grad_out, grad_lse, bias_grad)
     # scores, probabilities, dP and dS of a chunk live at once
     return math_cpu.backward(params, out, lse, grad_out, grad_lse, bias_grad, rows_per_chunk(params, matrices=4))
-
-
-def prepare(params):
-    """A callable writing the call's output into a given buffer: (out, lse)."""
-    return lambda out: forward(dataclasses.replace(params, out=out))

@@ -1,18 +1,15 @@
 """The math backend on CUDA: kernels_cu/math.cu's forward kernels over chunks of query rows, and its backward."""
 from __future__ import annotations
 
-import struct
-
 import torch
 
-from .. import kernel_params, loader
+from ..cuda import loader, structs
 
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t", torch.float32: "float", torch.float64: "double"}
 KERNELS = ("math_scores", "math_softmax", "math_weighted_sum")
 THREADS = 128  # kernels_cu/math.cu: THREADS
 
 BACKWARD_KERNELS = ("math_grad_q", "math_grad_kv")
-_GRADS = struct.Struct("<QQQQQQQqqqq")  # kernels_cu/math.cu: struct MathGrads
 _MAX_GRID_X = 2**31 - 1
 
 loader.register_family("math", [f"{k}<{t}>" for k in KERNELS + BACKWARD_KERNELS for t in STORAGE_TYPES.values()])
@@ -25,7 +22,7 @@ def forward(params, chunk: int):
         return out, lse
     scores = torch.empty(chunk * params.num_heads * max(params.max_seqlen_k, 1),
                          dtype=params.lse_dtype, device=params.device)
-    packed = kernel_params.pack(params, out, lse)
+    packed = structs.attn_params(params, out, lse)
     kernels = [loader.kernel("math", f"{name}<{STORAGE_TYPES[params.dtype]}>", params.device)
                for name in KERNELS]
     for first in range(0, params.total_q, chunk):
@@ -50,10 +47,10 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool):
     if grad_lse is not None:
         grad_lse = grad_lse.to(params.lse_dtype).contiguous()
     mq, mk = (dbias.shape[2], dbias.shape[3]) if dbias is not None else (0, 0)
-    grads = _GRADS.pack(grad_out.data_ptr(), 0 if grad_lse is None else grad_lse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+    grads = structs.MATH_GRADS.pack(grad_out.data_ptr(), 0 if grad_lse is None else grad_lse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
                         dv.data_ptr(), 0 if dbias is None else dbias.data_ptr(), delta.data_ptr(),
                         grad_out.stride(0), grad_out.stride(1), mk, mq * mk)
-    args = loader.Args(kernel_params.pack(params, out, lse), grads)
+    args = loader.Args(structs.attn_params(params, out, lse), grads)
     grad_q, grad_kv = (loader.kernel("math", f"{name}<{STORAGE_TYPES[params.dtype]}>", params.device)
                        for name in BACKWARD_KERNELS)
     # A block per row: rows from 2**31 - 1 on (the grid's limit) lie past every int32 cu_seqlens, so in no

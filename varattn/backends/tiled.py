@@ -9,14 +9,11 @@ covers any lengths, and CTAs past the last tile exit.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 
-from .. import loader
+from ..cuda import loader
 
 PLAN_THREADS = 256  # kernels_cu/flash_common.cuh: PLAN_THREADS
-BWD_PARAMS = struct.Struct("<QQQQQQQqqq")  # kernels_cu/flash_bwd_common.cuh: struct BwdParams
 DELTA_THREADS = 256  # the backward's delta kernels: a warp per query row
 
 
@@ -40,23 +37,19 @@ def alignment_reasons(params) -> list[str]:
             for name, x in (("q", params.q), ("k", params.k), ("v", params.v)) if not rows_aligned(x)]
 
 
-class Plan:
-    """The tile plan of one call's lengths, from `kernel` (a flash_plan
-    instance): launched on a stream the first time it is asked for there and
-    reused after, since a front end's repeated call keeps its lengths.
+def launch_plan(kernel: loader.Kernel, packed: bytes, batch: int, device: torch.device, stream: int):
+    """Launch `kernel` (a flash_plan instance) for the call whose AttnParams
+    are `packed`, on `stream`: (the plan's buffer, the kernel arguments
+    (order, tile_offsets) that read it). Keep the buffer until the kernels
+    reading it are launched: its memory goes back to torch's allocator with it."""
+    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)  # order, tile offsets
+    args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
+    loader.launch(kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *args), stream=stream)
+    return plan, args
 
-    Keep the Plan alive until the kernels reading it are launched: its
-    tensor's memory goes back to torch's allocator with it."""
 
-    def __init__(self, kernel: loader.Kernel, batch: int, device: torch.device):
-        self.kernel, self.batch, self.device = kernel, batch, device
-        self._plan, self._stream, self._args = None, None, ()
-
-    def args(self, packed: bytes, stream: int) -> tuple[bytes, bytes]:
-        """The kernel arguments (order, tile_offsets) of the plan on `stream`."""
-        if self._stream != stream:
-            plan = torch.empty(2 * self.batch + 1, dtype=torch.int32, device=self.device)  # order, tile offsets
-            args = (loader.pointer(plan), loader.pointer(plan, 4 * self.batch))
-            loader.launch(self.kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *args), stream=stream)
-            self._plan, self._stream, self._args = plan, stream, args
-        return self._args
+def launch_delta(kernel: loader.Kernel, packed: bytes, grads: bytes, total_q: int, stream: int) -> None:
+    """The backward's preprocess `kernel` (a flash_bwd_delta instance: delta =
+    rowsum(dO * O) - dLSE per query row and head), a warp per row."""
+    loader.launch(kernel, (-(-total_q // (DELTA_THREADS // 32)),), (DELTA_THREADS,), loader.Args(packed, grads),
+                  stream=stream)

@@ -17,7 +17,7 @@ import re
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,14 +26,19 @@ log = logging.getLogger("varattn")
 
 _HERE = Path(__file__).resolve().parent
 # Installed: varattn/kernels_cu; from a source checkout: ../kernels_cu.
-SOURCE_DIR = next((d for d in (_HERE / "kernels_cu", _HERE.parent / "kernels_cu") if d.is_dir()),
-                  _HERE / "kernels_cu")
+SOURCE_DIR = next((d for d in (_HERE.parent / "kernels_cu", _HERE.parent.parent / "kernels_cu") if d.is_dir()),
+                  _HERE.parent / "kernels_cu")
 _INCLUDE = re.compile(r'^[ \t]*#include\s+"([^"]+)"[ \t]*$', re.MULTILINE)
 
 # family -> the name expressions of every instance a backend may ask for
 FAMILIES: dict[str, tuple[str, ...]] = {}
 
+# (family, name expression, device index) -> Kernel. Filled under _compiling's
+# lock for that key, so that threads asking for one kernel at once compile it
+# once, while other kernels compile beside it.
 _kernels: dict = {}
+_compiling: dict = {}
+_compiling_lock = threading.Lock()
 
 
 class KernelCompileError(RuntimeError):
@@ -68,7 +73,12 @@ def _cupy():
 
 @functools.lru_cache(maxsize=None)
 def source(family: str) -> str:
-    """kernels_cu/<family>.cu with its local includes inlined, each header once."""
+    """kernels_cu/<family>.cu with its local includes inlined."""
+    return expanded(f"{family}.cu")
+
+
+def expanded(file_name: str) -> str:
+    """kernels_cu/<file_name> with its local includes inlined, each header once."""
     seen: set[str] = set()
 
     def expand(path: Path) -> str:
@@ -80,7 +90,7 @@ def source(family: str) -> str:
             return expand(SOURCE_DIR / name)
         return _INCLUDE.sub(include, path.read_text())
 
-    return expand(SOURCE_DIR / f"{family}.cu")
+    return expand(SOURCE_DIR / file_name)
 
 
 def arch_of(device: torch.device) -> str:
@@ -137,15 +147,27 @@ class Kernel:
     name: str
     function: int       # CUfunction
     device_index: int
+    module: object = field(default=None, repr=False, compare=False)  # the cupy.RawModule holding `function`
 
 
 def kernel(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int = 0) -> Kernel:
     """The compiled instance `name_expression` of kernels_cu/<family>.cu for `device`,
-    allowed `dynamic_shared_mem` bytes of dynamic shared memory (above 48 KB needs opting in)."""
+    allowed `dynamic_shared_mem` bytes of dynamic shared memory (above 48 KB needs opting in).
+    Safe to call from several threads: each kernel is compiled once."""
     key = (family, name_expression, device.index)
     found = _kernels.get(key)
     if found is not None:
         return found
+    with _compiling_lock:
+        lock = _compiling.setdefault(key, threading.Lock())
+    with lock:
+        found = _kernels.get(key)
+        if found is None:
+            found = _kernels[key] = _compile(family, name_expression, device, dynamic_shared_mem)
+    return found
+
+
+def _compile(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int) -> Kernel:
     cupy = _cupy()
     arch = arch_of(device)
     started = time.perf_counter()
@@ -156,14 +178,13 @@ def kernel(family: str, name_expression: str, device: torch.device, dynamic_shar
             raw = module.get_function(name_expression)
             if dynamic_shared_mem > 48 * 1024:
                 raw.max_dynamic_shared_size_bytes = dynamic_shared_mem
-            found = Kernel(name_expression, raw.kernel.ptr, device.index)
+            found = Kernel(name_expression, raw.kernel.ptr, device.index, module)
         except cupy.cuda.compiler.CompileException as error:
             raise KernelCompileError(
                 f"compiling {name_expression} from kernels_cu/{family}.cu for {arch} failed:\n"
                 f"{error.get_message()}") from None
     log.info("varattn: %s (kernels_cu/%s.cu) ready for %s in %.2f s",
              name_expression, family, arch, time.perf_counter() - started)
-    _kernels[key] = found
     return found
 
 

@@ -1,4 +1,4 @@
-"""Padded dense batch <-> packed form.
+"""Padded dense batches <-> the packed form, and `attention` on padded batches.
 
 A padded batch (B, L, H, D) is already packed with every sequence in a slot
 of L rows: cu_seqlens = [0, L, 2L, ...] and the lengths become seqused, so
@@ -6,13 +6,22 @@ no rows are copied when (B, L) can be merged into one dimension (always for
 "blhd", and for "bhld" tensors that are transposed views of (B, L, H, D),
 which is how attention layers make them). Output rows past a sequence's
 length come back as zeros.
+
+Lengths given on the host (a list, a CPU tensor) are checked there and
+copied to the device without a sync; a CUDA tensor of lengths is used as it
+is, unread (its contents are checked only with varattn.set_device_checks),
+and so is a CUDA key_padding_mask.
 """
 from __future__ import annotations
 
+import contextlib
+
+import numpy
 import torch
 
-from . import checks
-from .ragged import Ragged, to_device_int32
+from .. import checks, params as params_
+from . import ragged
+from .ragged import Ragged
 
 LAYOUTS = ("bhld", "blhd")
 
@@ -43,22 +52,28 @@ def unpack(x, layout: str, lengths) -> Ragged:
     """x: (B, H, L, D) or (B, L, H, D); lengths: None (all full) or (device int32 tensor, host max or None)."""
     values = rows(x, layout)
     batch, length = as_blhd(x, layout).shape[:2]
-    cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * length
     seqused, max_seqlen = (None, length) if lengths is None else lengths
+    cu_seqlens = (ragged.slots(batch, length, x.device) if not torch.compiler.is_compiling()
+                  else torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=x.device))
     return Ragged(values=values, cu_seqlens=cu_seqlens, seqused=seqused,
                   max_seqlen=length if max_seqlen is None else max_seqlen)
 
 
 def repack(values, batch: int, length: int, layout: str) -> torch.Tensor:
     """(B * L, H, D) rows back to the caller's layout."""
-    x = values.view(batch, length, *values.shape[1:])
-    return as_blhd(x, layout)
+    return as_blhd(values.view(batch, length, *values.shape[1:]), layout)
 
 
 def repack_lse(lse, batch: int, length: int, layout: str) -> torch.Tensor:
     """(H, B * L) -> (B, H, L) for "bhld", (B, L, H) for "blhd"."""
     x = lse.view(lse.shape[0], batch, length)
     return x.permute(1, 0, 2) if layout == "bhld" else x.permute(1, 2, 0)
+
+
+def lse_rows(lse, layout: str) -> torch.Tensor:
+    """repack_lse's inverse: (B, H, L) or (B, L, H) -> (H, B * L)."""
+    x = lse.permute(1, 0, 2) if layout == "bhld" else lse.permute(2, 0, 1)
+    return x.reshape(x.shape[0], -1)
 
 
 def lengths_arg(lengths, batch: int, length: int, device, name: str):
@@ -76,12 +91,12 @@ def lengths_arg(lengths, batch: int, length: int, device, name: str):
         if lengths.device.type != "cpu":
             if checks.device_checks_enabled():
                 _check_host_lengths(lengths.tolist(), length, name)
-            return lengths.to(torch.int32), None
+            return ragged.as_int32(lengths), None
         lengths = lengths.tolist()
     if not isinstance(lengths, (list, tuple)) or len(lengths) != batch:
         raise ValueError(f"{name} must be a list or tensor of {batch} lengths, got {lengths!r}")
     _check_host_lengths(lengths, length, name)
-    return to_device_int32(list(lengths), device), max(lengths, default=0)
+    return ragged.device_int32(numpy.array(lengths, dtype=numpy.int64), device), max(lengths, default=0)
 
 
 def _check_host_lengths(lengths, length: int, name: str) -> None:
@@ -97,11 +112,68 @@ def lengths_from_padding_mask(mask, batch: int, length: int, device):
         raise ValueError(f"key_padding_mask must be a bool tensor of shape ({batch}, {length}), "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     checks.on_device(mask, "key_padding_mask", device, "query")
-    lengths = (~mask).sum(1)
     if (mask.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
         # right padding only: once a row is padding, the rest of it is too
         if (mask.int().cummax(1).values != mask.int()).any():
             raise ValueError("key_padding_mask must pad at the end of each sequence (True after the "
                              "tokens, as nn.MultiheadAttention); pass attn_mask for other patterns")
-        return lengths_arg(lengths.cpu(), batch, length, device, "key_padding_mask")
-    return lengths.to(torch.int32), None
+        return lengths_arg((length - mask.sum(1)).cpu(), batch, length, device, "key_padding_mask")
+    return length - mask.sum(1, dtype=torch.int32), None
+
+
+class PaddedForm:
+    """run.Form of a call on padded batches: outputs and gradients back in the caller's layout."""
+
+    def __init__(self, batch: int, len_q: int, len_k: int, layout: str):
+        self.batch, self.len_q, self.len_k, self.layout = batch, len_q, len_k, layout
+
+    def outputs(self, out, lse):
+        result = repack(out, self.batch, self.len_q, self.layout)
+        return result, None if lse is None else repack_lse(lse, self.batch, self.len_q, self.layout)
+
+    def grad_outputs(self, grad_out, grad_lse):
+        return (None if grad_out is None else rows(grad_out, self.layout),
+                None if grad_lse is None else lse_rows(grad_lse, self.layout))
+
+    def input_grads(self, dq, dk, dv):
+        return (repack(dq, self.batch, self.len_q, self.layout), repack(dk, self.batch, self.len_k, self.layout),
+                repack(dv, self.batch, self.len_k, self.layout))
+
+
+def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_mask, options):
+    """(AttentionParams, PaddedForm, the caller's q, k, v) of a call on padded batches."""
+    check_layout(layout)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_dense(x, name)
+    q, k, v = (as_blhd(x, layout) for x in (query, key, value))
+    batch, len_q = q.shape[:2]
+    len_k = k.shape[1]
+    if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != len_k:
+        raise ValueError(f"query, key and value must share the batch size and key/value the length; got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} ({layout})")
+    device = query.device
+    if kv_lengths is not None and key_padding_mask is not None:
+        raise ValueError("pass kv_lengths or key_padding_mask, not both")
+    q_lengths = None if lengths is None else lengths_arg(lengths, batch, len_q, device, "lengths")
+    if kv_lengths is not None:
+        k_lengths = lengths_arg(kv_lengths, batch, len_k, device, "kv_lengths")
+    elif key_padding_mask is not None:
+        k_lengths = lengths_from_padding_mask(key_padding_mask, batch, len_k, device)
+        if q_lengths is None and len_q == len_k:
+            q_lengths = k_lengths
+    elif q_lengths is not None and len_q != len_k:
+        raise ValueError(f"lengths describe the queries (padded to {len_q}); the keys/values are padded "
+                         f"to {len_k}: pass kv_lengths for them")
+    else:
+        k_lengths = q_lengths
+    requires_grad = params_.needs_grad(query, key, value, attn_mask)
+    with torch.no_grad() if requires_grad and not torch.compiler.is_compiling() else contextlib.nullcontext():
+        # eagerly, run.py's Function carries the gradients to the caller's tensors
+        rq, rk, rows_v = unpack(query, layout, q_lengths), unpack(key, layout, k_lengths), rows(value, layout)
+    params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
+                                  rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
+                                  requires_grad=requires_grad, **options)
+    form = PaddedForm(batch, len_q, len_k, layout)
+    return params, form, None if torch.compiler.is_compiling() else (query, key, value)
+
+

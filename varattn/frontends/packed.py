@@ -1,8 +1,8 @@
 """`varattn.varlen_attention`: the packed form in, the packed form out."""
 from __future__ import annotations
 
-from . import dispatch
-from .params import build_params
+from .. import run
+from ..params import build_params
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -52,5 +52,5 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                           causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
                           dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
                           deterministic=deterministic)
-    out, lse = dispatch.run(params)
+    out, lse = run.attention(params)
     return (out, lse) if return_lse else out

@@ -1,8 +1,9 @@
 """`varattn.explain`: which backend would run a call, and why the others would not."""
 from __future__ import annotations
 
-from . import dispatch, frontend
-from .params import build_params
+from .. import dispatch
+from ..params import build_params
+from . import batched
 
 
 def explain(query, key, value, *args, **kwargs) -> dispatch.Explanation:
@@ -15,5 +16,5 @@ def explain(query, key, value, *args, **kwargs) -> dispatch.Explanation:
     if args or "cu_seqlens_q" in kwargs:
         params = build_params(query, key, value, *args, **kwargs)
     else:
-        params, _ = frontend.prepare(query, key, value, **kwargs)
+        params, _, _ = batched.call(query, key, value, **kwargs)
     return dispatch.explain_params(params)

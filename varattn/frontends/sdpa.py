@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
-from . import frontend, nested
+from . import batched, nested
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -31,7 +31,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_heads(query, key, value, enable_gqa)
     options = dict(causal=causal, causal_align=align, scale=scale, dropout_p=dropout_p)
     if nested.is_nested(query):
-        return frontend.attention(query, key, value, attn_mask=attn_mask, **options)
+        return batched.attention(query, key, value, attn_mask=attn_mask, **options)
 
     batch_shape, (length_q, _) = query.shape[:-3], query.shape[-2:]
     heads = query.shape[-3] if query.dim() >= 3 else 1
@@ -47,7 +47,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores "
                              f"({', '.join(map(str, (*batch_shape, heads, length_q, key.shape[-2])))})")
         attn_mask = as_4d(attn_mask.expand(*batch_shape, heads, length_q, key.shape[-2]))
-    out = frontend.attention(as_4d(query), as_4d(key), as_4d(value), layout="bhld", attn_mask=attn_mask, **options)
+    out = batched.attention(as_4d(query), as_4d(key), as_4d(value), layout="bhld", attn_mask=attn_mask, **options)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import nested, padded
-from .varlen import varlen_attention
+from .packed import varlen_attention
 
 
 class SelfAttention(nn.Module):
@@ -34,8 +34,8 @@ class SelfAttention(nn.Module):
         if nested.is_nested(x):
             if lengths is not None:
                 raise ValueError("lengths applies to padded inputs; a NestedTensor carries its own")
-            rows, form = nested.unpack(x, 1, "x")
-            return form.rebuild(self._attend(rows))
+            rows, side = nested.rows(x, 1, "x")
+            return nested.nested(self._attend(rows), side)
         if x.dim() != 3:
             raise ValueError(f"x must be a NestedTensor (B, j, E) or a padded (B, L, E) tensor, got shape {tuple(x.shape)}")
         batch, length = x.shape[:2]

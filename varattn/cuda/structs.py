@@ -1,0 +1,109 @@
+"""Host mirrors of the structs the kernels take by value.
+
+Each `Struct` lists one kernel struct's fields in order with their
+struct-module codes ("Q" pointer, "q" int64, "d" double, "i" int32, "I"
+uint32, "f" float) and the file of kernels_cu/ that defines it; `pack()`
+gives the bytes the loader passes to a kernel. One CPU test
+(tests/test_kernels_compile.py) compiles static_asserts generated from every
+mirror against its file, so a mirror and its struct cannot drift apart
+unnoticed.
+"""
+from __future__ import annotations
+
+import struct
+
+
+class Struct:
+    """A kernel struct's layout: `name` as in kernels_cu/`source`, its fields in order."""
+
+    def __init__(self, name: str, source: str, fields: tuple[tuple[str, str], ...]):
+        self.name, self.source, self.fields = name, source, fields
+        self._layout = struct.Struct("<" + "".join(code for _, code in fields))
+        self.size = self._layout.size
+        self.offsets, at = {}, 0
+        for field, code in fields:
+            self.offsets[field] = at
+            at += struct.calcsize(code)
+
+    def pack(self, *values) -> bytes:
+        """The struct's bytes from its fields' values, in order."""
+        return self._layout.pack(*values)
+
+    def layout_assertions(self) -> str:
+        """C++ static_asserts that the device struct has exactly this layout."""
+        lines = [f'static_assert(sizeof({self.name}) == {self.size}, "{self.name} size");']
+        lines += [f'static_assert(__builtin_offsetof({self.name}, {field}) == {offset}, "{self.name}::{field}");'
+                  for field, offset in self.offsets.items()]
+        return "\n".join(lines)
+
+
+ATTN_PARAMS = Struct("AttnParams", "attn_params.cuh", (
+    ("q", "Q"), ("k", "Q"), ("v", "Q"), ("out", "Q"), ("lse", "Q"), ("bias", "Q"),
+    ("cu_seqlens_q", "Q"), ("cu_seqlens_k", "Q"), ("seqused_q", "Q"), ("seqused_k", "Q"),
+    ("q_row_stride", "q"), ("q_head_stride", "q"),
+    ("k_row_stride", "q"), ("k_head_stride", "q"),
+    ("v_row_stride", "q"), ("v_head_stride", "q"),
+    ("out_row_stride", "q"), ("out_head_stride", "q"),
+    ("bias_batch_stride", "q"), ("bias_head_stride", "q"), ("bias_row_stride", "q"), ("bias_col_stride", "q"),
+    ("total_q", "q"), ("total_k", "q"),
+    ("scale", "d"),
+    ("batch", "i"), ("heads", "i"), ("heads_kv", "i"), ("head_dim", "i"), ("head_dim_v", "i"),
+    ("max_seqlen_q", "i"), ("max_seqlen_k", "i"),
+    ("bias_kind", "i"), ("causal", "i"), ("lower_right", "i"),
+    ("window_left", "i"), ("window_right", "i"),
+))
+
+BWD_PARAMS = Struct("BwdParams", "flash_bwd_common.cuh", (
+    ("dout", "Q"), ("dq_accum", "Q"), ("dk", "Q"), ("dv", "Q"), ("delta", "Q"), ("dlse", "Q"), ("dq_turns", "Q"),
+    ("dout_row_stride", "q"), ("dout_head_stride", "q"), ("tiles_per_head", "q"),
+))
+
+DROPOUT = Struct("Dropout", "efficient_common.cuh", (
+    ("seed", "Q"), ("offset", "Q"), ("threshold", "I"), ("scale", "f"),
+))
+
+BIAS_GRAD = Struct("BiasGrad", "efficient_bwd.cu", (
+    ("dbias", "Q"), ("batch_stride", "q"), ("head_stride", "q"), ("row_stride", "q"), ("col_stride", "q"),
+))
+
+MATH_GRADS = Struct("MathGrads", "math.cu", (
+    ("dout", "Q"), ("dlse", "Q"), ("dq", "Q"), ("dk", "Q"), ("dv", "Q"), ("dbias", "Q"), ("delta", "Q"),
+    ("dout_row_stride", "q"), ("dout_head_stride", "q"), ("dbias_row_stride", "q"), ("dbias_head_stride", "q"),
+))
+
+STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS)
+
+BIAS_KINDS = {"none": 0, "bool": 1, "additive": 2}
+_OUT = ATTN_PARAMS.offsets["out"]
+_OUTPUTS = struct.Struct("<QQ")
+assert ATTN_PARAMS.offsets["lse"] == _OUT + 8
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def attn_params(p, out, lse) -> bytes:
+    """The AttnParams of call `p` (an AttentionParams) writing into `out` and
+    `lse` (None: a null pointer, or filled in later by `with_outputs`); the
+    outputs are contiguous."""
+    q, k, v, bias = p.q, p.k, p.v, p.attn_bias
+    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
+    (total_q, heads, head_dim), (total_k, heads_kv, _), head_dim_v = q.shape, k.shape, v.shape[2]
+    return ATTN_PARAMS.pack(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(out), _ptr(lse), _ptr(bias),
+        p.cu_seqlens_q.data_ptr(), p.cu_seqlens_k.data_ptr(), _ptr(p.seqused_q), _ptr(p.seqused_k),
+        q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
+        heads * head_dim_v, head_dim_v, *(bias.stride() if bias is not None else (0, 0, 0, 0)),
+        total_q, total_k,
+        p.scale,
+        p.cu_seqlens_q.shape[0] - 1, heads, heads_kv, head_dim, head_dim_v,
+        p.max_seqlen_q, p.max_seqlen_k,
+        BIAS_KINDS[p.bias_kind], int(p.causal), int(p.causal_align == "lower_right"),
+        p.window[0], p.window[1],
+    )
+
+
+def with_outputs(packed: bytes, out, lse) -> bytes:
+    """AttnParams bytes `packed` writing into `out` and `lse` (None: not written) instead."""
+    return packed[:_OUT] + _OUTPUTS.pack(_ptr(out), _ptr(lse)) + packed[_OUT + 16:]

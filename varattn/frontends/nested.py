@@ -1,0 +1,454 @@
+"""NestedTensors <-> the packed form, and `attention` on NestedTensors.
+
+A jagged NestedTensor already is the packed form: its values with the ragged
+dimension first, its offsets as cu_seqlens and, when lengths leave holes
+between sequences, those lengths as seqused. A strided NestedTensor keeps its
+components in one buffer; when they share strides (as
+`torch.nested.nested_tensor([...])` and views of it do) that buffer is viewed
+as the packed form, without a copy. Outputs come back as NestedTensors of the
+caller's layout.
+
+Eagerly, the jagged subclass's fields are read directly and outputs are made
+as its constructor makes them, without torch's per-op dispatch (tens of
+microseconds for each `values()`, `transpose` or `nested_tensor_from_jagged`),
+and gradients flow through run.py's autograd Function, which takes the
+NestedTensors themselves: tests/test_torch_private.py guards each private
+piece of torch used here. Under torch.compile only public, traceable ops are
+used.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import numpy
+import torch
+from torch._C import DispatchKey, DispatchKeySet
+from torch.nested._internal.nested_tensor import NestedTensor as Jagged
+
+from .. import params as params_
+from . import ragged
+from .ragged import Ragged
+
+# What torch's jagged constructor marks for torch.compile on a new NestedTensor
+# and its values (the ragged dimension as dynamic); which of these a torch
+# version sets is read off the NestedTensor an output is made like.
+_COMPILE_MARKS = ("_dynamo_weak_dynamic_indices", "_dynamo_propagated_dynamic_indices")
+_JAGGED_KEYS = DispatchKeySet(DispatchKey.NestedTensor).add(DispatchKey.AutogradNestedTensor)
+
+
+def is_nested(x) -> bool:
+    """Whether `x` is a NestedTensor (jagged or strided), read without torch's
+    torch-function layer (a property through it costs microseconds)."""
+    return isinstance(x, Jagged) or (isinstance(x, torch.Tensor) and x.is_nested)
+
+
+def jagged_like(values: torch.Tensor, like, ragged_idx: int):
+    """A jagged NestedTensor over `values` (ragged at dim ragged_idx - 1) with
+    the sequences of jagged `like`: what torch's
+    NestedTensor(values, like._offsets, lengths=like._lengths, _ragged_idx=ragged_idx,
+    _metadata_cache=like._metadata_cache) makes, without the registry lookup
+    and the compile marks that cost it some 60 microseconds a call."""
+    r = ragged_idx - 1
+    ragged_size = like._size[like._ragged_idx]
+    shape = values.shape
+    size = (like._size[0], *shape[:r], ragged_size, *shape[r + 1:])
+    stride = values.stride()
+    strides = (ragged_size * stride[r], *stride)
+    nt = torch.Tensor._make_wrapper_subclass(
+        Jagged, size, strides, 0, torch.contiguous_format, values.dtype, torch.jagged, values.device, False, False,
+        "sizes", False, True, _JAGGED_KEYS, storage_size=values.untyped_storage().size())
+    nt._ragged_idx, nt._size, nt._strides = ragged_idx, size, strides
+    nt._values, nt._offsets, nt._lengths, nt._metadata_cache = values, like._offsets, like._lengths, like._metadata_cache
+    marked, marked_values = like.__dict__, like._values.__dict__
+    for mark in _COMPILE_MARKS:
+        if mark in marked:
+            setattr(nt, mark, {ragged_idx})
+        if mark in marked_values:
+            setattr(values, mark, {r})
+    return nt
+
+
+# ---------------------------------------------------------------------------
+# One NestedTensor's side of a call: its packed rows, and NestedTensors of its
+# structure made from packed rows (outputs, gradients).
+
+class JaggedSide:
+    """A jagged NestedTensor ragged in dim `ragged_dim` (1 or 2), read and made
+    without autograd: gradients reach it through an autograd.Function
+    (run.py's, or _ToRows / _FromRows below)."""
+
+    differentiable = False  # whether rows() and nested() are differentiable torch ops
+
+    def __init__(self, nt, ragged_dim: int, name: str):
+        if nt._ragged_idx != ragged_dim:
+            raise ValueError(f"{name} is a jagged NestedTensor ragged in dim {nt._ragged_idx}, expected dim {ragged_dim}")
+        self.nt, self.ragged_dim = nt, ragged_dim
+
+    def rows(self) -> Ragged:
+        nt, r = self.nt, self.ragged_dim - 1
+        lengths = nt._lengths
+        return Ragged(values=nt._values if r == 0 else nt._values.movedim(r, 0),
+                      cu_seqlens=ragged.as_int32(nt._offsets),
+                      seqused=None if lengths is None else ragged.as_int32(lengths),
+                      max_seqlen=nt._get_max_seqlen())  # kept by torch; computed (a sync) only when it is not
+
+    def nested(self, rows: torch.Tensor):
+        """A NestedTensor of this structure over packed `rows` (rows, *features)."""
+        r = self.ragged_dim - 1
+        return jagged_like(rows if r == 0 else rows.movedim(0, r), self.nt, self.ragged_dim)
+
+    def rows_of(self, nt) -> torch.Tensor:
+        """The packed rows of `nt`, a NestedTensor of this structure (a gradient)."""
+        r = self.ragged_dim - 1
+        return nt._values if r == 0 else nt._values.movedim(r, 0)
+
+    def same_rows(self, other: JaggedSide) -> bool:
+        mine, theirs = self.nt, other.nt
+        for a, b in ((mine._offsets, theirs._offsets), (mine._lengths, theirs._lengths)):
+            if a is b:
+                continue
+            # Separately built NestedTensors: compare contents (a sync on CUDA, only in this case).
+            if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
+                return False
+        return True
+
+
+class TracedJaggedSide(JaggedSide):
+    """A jagged NestedTensor under torch.compile: public, traced ops only;
+    max_seqlen stays symbolic, so batches of other lengths reuse the graph."""
+
+    differentiable = True
+
+    def rows(self) -> Ragged:
+        nt, r = self.nt, self.ragged_dim - 1
+        lengths = nt.lengths()
+        return Ragged(values=nt.values().movedim(r, 0), cu_seqlens=nt.offsets().to(torch.int32),
+                      seqused=None if lengths is None else lengths.to(torch.int32), max_seqlen=nt._get_max_seqlen())
+
+    def nested(self, rows: torch.Tensor):
+        nt = self.nt
+        made = torch.nested.nested_tensor_from_jagged(rows, offsets=nt.offsets(), lengths=nt.lengths(),
+                                                      max_seqlen=nt._get_max_seqlen())
+        return made.transpose(1, 2) if self.ragged_dim == 2 else made
+
+
+@dataclass
+class StridedLayout:
+    """Where a strided NestedTensor's components lie, from its metadata alone."""
+    seq: int                                 # the sequence dim within a component
+    features: tuple[int, ...]                # a component's other sizes
+    lengths: numpy.ndarray
+    starts: numpy.ndarray                    # the packed row of each component's first
+    rows: int                                # packed rows in all
+    view: tuple | None                       # (storage offset of row 0, row strides) of the packed view; None: copy
+    back_to_back: bool                       # sequences follow each other from row 0
+    _templates: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.lengths.max())
+
+    def nested_metadata(self, features, element_strides):
+        """(sizes, strides, offsets) of a strided NestedTensor whose component b is
+        rows starts[b]... of a (rows, *features) tensor of `element_strides`."""
+        batch = len(self.lengths)
+        sizes = numpy.insert(numpy.broadcast_to(numpy.array(features, dtype=numpy.int64), (batch, len(features))),
+                             self.seq, self.lengths, axis=1)
+        strides = numpy.insert(numpy.broadcast_to(numpy.array(element_strides[1:], dtype=numpy.int64),
+                                                  (batch, len(features))), self.seq, element_strides[0], axis=1)
+        offsets = self.starts.astype(numpy.int64) * element_strides[0]
+        return torch.from_numpy(sizes), torch.from_numpy(strides), torch.from_numpy(offsets)
+
+    def template(self, features: tuple[int, ...]):
+        """A strided NestedTensor of these components over contiguous packed rows
+        (rows, *features), on the host and never touched, whose `empty_like` gives
+        an output NestedTensor in a few microseconds (viewing a buffer as one costs
+        about two per sequence); None where torch does not keep its layout."""
+        found = self._templates.get(features)
+        if found is None:
+            strides = tuple(int(numpy.prod(features[i:])) for i in range(1, len(features) + 1))
+            metadata = self.nested_metadata(features, (int(numpy.prod(features)), *strides[:-1], 1))
+            buffer = torch.empty(self.rows * int(numpy.prod(features)), dtype=torch.uint8)
+            made = torch._nested_view_from_buffer(buffer, *metadata)
+            probe = torch.empty_like(made)  # empty_like keeps strides and offsets: checked once rather than trusted
+            kept = all(torch.equal(a, b) for a, b in zip(metadata, (
+                probe._nested_tensor_size(), probe._nested_tensor_strides(), probe._nested_tensor_storage_offsets())))
+            found = self._templates[features] = made if kept else False
+        return None if found is False else found
+
+
+_LAYOUTS_LIMIT = 32
+_layouts: collections.OrderedDict = collections.OrderedDict()
+_layouts_lock = threading.Lock()
+
+
+def strided_layout(nt, seq: int, name: str) -> StridedLayout:
+    """The layout of strided `nt` with sequence dim `seq` in its components;
+    the metadata of a strided NestedTensor lives on the host, so reading it
+    costs no sync. Recent layouts are kept by their metadata's contents."""
+    sizes = nt._nested_tensor_size().numpy()
+    strides = nt._nested_tensor_strides().numpy()
+    offsets = nt._nested_tensor_storage_offsets().numpy()
+    key = (seq, sizes.tobytes(), strides.tobytes(), offsets.tobytes(), sizes.shape)
+    with _layouts_lock:
+        found = _layouts.get(key)
+        if found is not None:
+            _layouts.move_to_end(key)
+            return found
+    found = _strided_layout(sizes, strides, offsets, seq, name)
+    with _layouts_lock:
+        _layouts[key] = found
+        if len(_layouts) > _LAYOUTS_LIMIT:
+            _layouts.popitem(last=False)
+    return found
+
+
+def _strided_layout(sizes, strides, offsets, seq, name) -> StridedLayout:
+    if sizes.shape[0] == 0:
+        raise ValueError(f"{name} is an empty NestedTensor (batch size 0)")
+    features = numpy.delete(sizes, seq, axis=1)
+    if (features != features[0]).any():
+        raise ValueError(f"{name}: components differ outside the sequence dim {seq + 1}: {sizes.tolist()}")
+    lengths = sizes[:, seq].copy()
+    view = _shared_buffer_view(strides, offsets, lengths, seq)
+    if view is None:  # components laid out unevenly (or all empty): gathered one after another, a copy
+        starts = numpy.concatenate([[0], numpy.cumsum(lengths)[:-1]]).astype(numpy.int64)
+        rows, back_to_back = int(lengths.sum()), True
+    else:
+        first_offset, starts, row_strides = view
+        rows = int(starts[-1] + lengths[-1])
+        back_to_back = bool(starts[0] == 0 and (starts[1:] == numpy.cumsum(lengths)[:-1]).all())
+        view = (first_offset, row_strides)
+    return StridedLayout(seq=seq, features=tuple(features[0].tolist()), lengths=lengths, starts=starts, rows=rows,
+                         view=view, back_to_back=back_to_back)
+
+
+def _shared_buffer_view(strides, offsets, lengths, seq):
+    """(offset of row 0, first row of each component, strides of the packed view)
+    when the non-empty components share one layout with unit stride on the
+    last dim and follow each other in the buffer without overlap, as views of
+    one (rows, ...) tensor do (chunks of a projection included); else None."""
+    present = lengths > 0
+    if not present.any():
+        return None
+    template = strides[present][0]
+    row_stride = int(template[seq])
+    if template[-1] != 1 or row_stride <= 0 or (strides[present] != template).any():
+        return None
+    first_offset = int(offsets[present][0] % row_stride)
+    if ((offsets[present] - first_offset) % row_stride).any():
+        return None
+    starts = (offsets - first_offset) // row_stride
+    # an empty component starts where the one before it ends
+    ends = numpy.where(present, starts + lengths, 0)
+    previous_end = numpy.concatenate([[0], numpy.maximum.accumulate(ends)[:-1]])
+    starts = numpy.where(present, starts, previous_end)
+    if starts[0] < 0 or (starts[1:] < (starts + lengths)[:-1]).any():
+        return None
+    return first_offset, starts, (row_stride, *numpy.delete(template, seq).tolist())
+
+
+class StridedSide:
+    """A strided NestedTensor whose components hold the sequence in dim
+    ragged_dim - 1, read and made without autograd."""
+
+    differentiable = False
+
+    def __init__(self, nt, ragged_dim: int, name: str):
+        self.nt, self.ragged_dim = nt, ragged_dim
+        self.layout = strided_layout(nt, ragged_dim - 1, name)
+
+    def rows(self) -> Ragged:
+        layout = self.layout
+        values = _rows_in_layout(self.nt, layout)
+        device = values.device
+        if layout.back_to_back:
+            cu, used = ragged.device_int32(numpy.append(layout.starts, layout.rows), device), None
+        else:
+            lengths = ragged.device_int32(numpy.concatenate([layout.starts, [layout.rows], layout.lengths]), device)
+            cu, used = lengths[:len(layout.starts) + 1], lengths[len(layout.starts) + 1:]
+        return Ragged(values=values, cu_seqlens=cu, seqused=used, max_seqlen=layout.max_seqlen)
+
+    def new_nested(self, features: tuple[int, ...], dtype, device):
+        """(packed rows (rows, *features), a NestedTensor of this structure over
+        them) for an output to be written into; None unless the sequences lie
+        back to back."""
+        template = self.layout.template(features) if self.layout.back_to_back else None
+        if template is None:
+            return None
+        made = torch.empty_like(template, dtype=dtype, device=device)
+        return made.values().view(-1, *features), made
+
+    def nested(self, rows: torch.Tensor):
+        """A NestedTensor of this structure holding packed `rows` (rows, *features)."""
+        made = self.new_nested(tuple(rows.shape[1:]), rows.dtype, rows.device)
+        if made is not None:
+            made[0].copy_(rows)
+            return made[1]
+        rows = rows.contiguous()
+        return torch._nested_view_from_buffer(rows.view(-1), *self.layout.nested_metadata(rows.shape[1:], rows.stride()))
+
+    def same_rows(self, other: StridedSide) -> bool:
+        mine, theirs = self.layout, other.layout
+        return numpy.array_equal(mine.starts, theirs.starts) and numpy.array_equal(mine.lengths, theirs.lengths)
+
+
+class GradStridedSide(StridedSide):
+    """A strided NestedTensor that a gradient must reach. torch's
+    autograd.Function takes no strided NestedTensors, so both ways are
+    differentiable torch ops: in, a view of its buffer (values() and
+    as_strided); out, the sequences' rows copied into a new NestedTensor
+    (as_nested_tensor), whose backward takes a gradient of any layout."""
+
+    differentiable = True
+
+    def new_nested(self, features, dtype, device):
+        return None
+
+    def nested(self, rows: torch.Tensor):
+        seq, layout = self.layout.seq, self.layout
+        parts = [rows[start:start + n] for start, n in zip(layout.starts.tolist(), layout.lengths.tolist())]
+        made = torch.nested.as_nested_tensor(parts)
+        return made.transpose(1, seq + 1) if seq else made
+
+
+def _rows_in_layout(nt, layout: StridedLayout) -> torch.Tensor:
+    """The packed rows of strided `nt`: a view of its buffer, or its components gathered."""
+    if layout.view is not None:
+        buffer = nt.values()
+        first_offset, row_strides = layout.view
+        return buffer.as_strided((layout.rows, *layout.features), row_strides, buffer.storage_offset() + first_offset)
+    components = [c.movedim(layout.seq, 0) for c in nt.unbind()]
+    if not layout.rows:
+        return torch.empty(0, *layout.features, dtype=nt.dtype, device=nt.device)
+    return torch.cat(components)
+
+
+def side(nt, ragged_dim: int, name: str, requires_grad: bool):
+    """The side of NestedTensor `nt` ragged in dim `ragged_dim`, in a call that
+    needs gradients or not."""
+    if isinstance(nt, Jagged):
+        if len(nt._size) <= ragged_dim:
+            raise ValueError(f"{name} must be a NestedTensor of at least {ragged_dim + 1} dims; got {len(nt._size)}")
+        return (TracedJaggedSide if torch.compiler.is_compiling() else JaggedSide)(nt, ragged_dim, name)
+    if ragged_dim not in (1, 2) or nt.dim() <= ragged_dim:
+        raise ValueError(f"{name} must be a NestedTensor ragged in dim 1 or 2 of at least {ragged_dim + 1} dims; "
+                         f"got ragged dim {ragged_dim} of {nt.dim()}")
+    return (GradStridedSide if requires_grad else StridedSide)(nt, ragged_dim, name)
+
+
+# ---------------------------------------------------------------------------
+# `attention` on NestedTensors.
+
+class NestedForm:
+    """run.Form of a call on NestedTensors: outputs like the query, gradients like each input."""
+
+    def __init__(self, q_side, k_side, v_side, out=None):
+        self.sides, self.out = (q_side, k_side, v_side), out  # out: (rows, NestedTensor) made before the forward
+
+    def outputs(self, out, lse):
+        q_side = self.sides[0]
+        result = self.out[1] if self.out is not None and out is self.out[0] else q_side.nested(out)
+        return result, None if lse is None else q_side.nested(lse.transpose(0, 1))
+
+    def grad_outputs(self, grad_out, grad_lse):
+        q_side = self.sides[0]
+        rows_lse = None if grad_lse is None else q_side.rows_of(grad_lse).transpose(0, 1)
+        return None if grad_out is None else q_side.rows_of(grad_out), rows_lse
+
+    def input_grads(self, dq, dk, dv):
+        return tuple(s.nested(d) for s, d in zip(self.sides, (dq, dk, dv)))
+
+
+def ragged_dim(query, layout) -> int:
+    """The sequence dim of the query NestedTensor: 2 for (B, H, j, D), 1 for (B, j, H, D)."""
+    if layout is not None and layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout must be 'bhld' or 'blhd' for NestedTensors, got {layout!r}")
+    if isinstance(query, Jagged):
+        inferred = query._ragged_idx
+        if layout is not None and inferred != {"bhld": 2, "blhd": 1}[layout]:
+            raise ValueError(f"layout={layout!r} but query is ragged in dim {inferred}")
+        return inferred
+    return 1 if layout == "blhd" else 2
+
+
+def call(query, key, value, layout, attn_mask, options):
+    """(AttentionParams, NestedForm, the caller's q, k, v) of a call on NestedTensors."""
+    dim = ragged_dim(query, layout)
+    q_rank = len(query._size) if isinstance(query, Jagged) else query.dim()
+    if q_rank != 4:
+        raise ValueError(f"query must be a 4-D NestedTensor (B, H, j, D), got {q_rank} dims")
+    requires_grad = params_.needs_grad(query, key, value, attn_mask)
+    sides = [side(x, dim, name, requires_grad) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
+    if len({isinstance(s, JaggedSide) for s in sides}) != 1:
+        raise TypeError("query, key and value must all be jagged or all be strided NestedTensors")
+    if not sides[1].same_rows(sides[2]):
+        raise ValueError("key and value must have the same sequence lengths and layout")
+    # Differentiable sides are converted by torch ops that autograd records; the
+    # others are read without it, and run.py's Function takes the NestedTensors.
+    differentiable = sides[0].differentiable
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
+        q, k, v = (s.rows() for s in sides)
+    out = None
+    if isinstance(sides[0], StridedSide):
+        out = sides[0].new_nested((q.values.shape[1], v.values.shape[-1]), q.values.dtype, q.values.device)
+    params = params_.build_params(
+        q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
+        seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
+        out=None if out is None else out[0], **options)
+    return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
+
+
+
+
+# ---------------------------------------------------------------------------
+# Differentiable conversions for blocks that work on the packed rows between
+# (varattn.nn.SelfAttention): NestedTensor -> rows -> NestedTensor.
+
+class _ToRows(torch.autograd.Function):
+    """NestedTensor `nt` -> its packed rows `values` (read from it without autograd)."""
+
+    @staticmethod
+    def forward(ctx, nt, side_, values):
+        ctx.side = side_
+        return values.detach()  # not the input itself, which autograd would treat as a view
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        return ctx.side.nested(grad_rows), None, None
+
+
+class _FromRows(torch.autograd.Function):
+    """Packed rows -> a NestedTensor of `side_`'s structure over them."""
+
+    @staticmethod
+    def forward(ctx, rows, side_):
+        ctx.side = side_
+        return side_.nested(rows)
+
+    @staticmethod
+    def backward(ctx, grad_nested):
+        return ctx.side.rows_of(grad_nested), None
+
+
+def rows(nt, ragged_dim: int, name: str):
+    """(Ragged, side) of NestedTensor `nt`: its packed rows, which a gradient
+    reaching them takes back to `nt`."""
+    requires_grad = params_.needs_grad(nt)
+    s = side(nt, ragged_dim, name, requires_grad)
+    if s.differentiable or not requires_grad:
+        return s.rows(), s
+    with torch.no_grad():
+        packed = s.rows()
+    packed.values = _ToRows.apply(nt, s, packed.values)
+    return packed, s
+
+
+def nested(rows_: torch.Tensor, side_):
+    """A NestedTensor of `side_`'s structure over packed rows (rows, *features), differentiable."""
+    if side_.differentiable or not params_.needs_grad(rows_):
+        return side_.nested(rows_)
+    return _FromRows.apply(rows_, side_)
