@@ -54,6 +54,8 @@ class AttentionParams:
     requires_grad: bool = False            # grad mode on and an input requires grad: a backward will follow
     deterministic: bool = False            # the backward must give the same bits on every run
     dropout_state: tuple[int, int] | None = None  # (seed, offset) of the call's dropout stream (varattn/dropout.py)
+    memo: dict | None = None               # kept with the four length tensors when their contents never change
+                                           # (frontends/ragged.py): where backends keep what they derive (tile plans)
 
     @property
     def batch_size(self) -> int:
@@ -126,7 +128,7 @@ def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
     attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
-    requires_grad=None, out=None,
+    requires_grad=None, out=None, memo=None,
 ) -> AttentionParams:
     """Validate packed inputs (host-side) and describe the call.
 
@@ -134,7 +136,8 @@ def build_params(
     v and attn_bias. A front end that packs tensors of its own (NestedTensors'
     rows, read without autograd) passes `needs_grad` of the caller's.
     out: a (total_q, H, D_v) buffer of q's dtype and device for the forward to
-    write into (a front end's output made ahead), or None."""
+    write into (a front end's output made ahead), or None. memo: see
+    AttentionParams.memo."""
     checks.packed_qkv(q, k, v)
     batch = checks.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
     batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
@@ -173,5 +176,5 @@ def build_params(
         causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
         attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
         requires_grad=requires_grad,
-        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out,
+        deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out, memo=memo,
     )

@@ -184,7 +184,7 @@ def forward(params):
     kernel = instance.load("efficient_fwd", device)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(kernel)
-    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
     grid = (tiled.tiles_upper_bound(params.total_q, instance.block_m, batch) * params.num_heads,)
     loader.launch(kernel, grid, (THREADS,), loader.Args(packed, *plan_args, dropout_args(params)),
                   shared_mem=instance.shared_mem_for(params), stream=stream)
@@ -223,7 +223,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
                   else structs.BIAS_GRAD.pack(dbias.data_ptr(), *dbias.stride()))
     stream = loader.current_stream(bwd_kernel)
     tiled.launch_delta(delta_kernel, packed, grads, params.total_q, stream)
-    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
     grid = (tiled.tiles_upper_bound(params.total_k, BACKWARD_BLOCK_N, batch) * params.num_heads_kv,
             instance.column_splits)
     loader.launch(bwd_kernel, grid, (THREADS,), loader.Args(packed, *plan_args, grads, bias_grads, dropout_args(params)),

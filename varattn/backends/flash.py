@@ -133,7 +133,7 @@ def forward(params):
     plan_kernel, fwd_kernel = _forward_kernels(chosen, q.dtype, head_dim, device.index)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
-    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
     grid = (tiled.tiles_upper_bound(q.shape[0], chosen.block_m, batch) * q.shape[1],)
     loader.launch(fwd_kernel, grid, (chosen.threads,), loader.Args(packed, *plan_args, *maps),
                   shared_mem=chosen.shared_mem, stream=stream)
@@ -232,7 +232,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
                                   tiles_per_head)
     stream = loader.current_stream(bwd_kernel)
     tiled.launch_delta(delta_kernel, packed, grads, params.total_q, stream)
-    plan, plan_args = tiled.launch_plan(plan_kernel, packed, batch, device, stream)
+    plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
     tiles = tiled.tiles_upper_bound(params.total_k, main.block_n, batch)
     loader.launch(bwd_kernel, (tiles * params.num_heads_kv,), (main.threads,),
                   loader.Args(packed, *plan_args, grads, *main.tensor_maps), shared_mem=main.shared_mem, stream=stream)

@@ -37,14 +37,25 @@ def alignment_reasons(params) -> list[str]:
             for name, x in (("q", params.q), ("k", params.k), ("v", params.v)) if not rows_aligned(x)]
 
 
-def launch_plan(kernel: loader.Kernel, packed: bytes, batch: int, device: torch.device, stream: int):
-    """Launch `kernel` (a flash_plan instance) for the call whose AttnParams
-    are `packed`, on `stream`: (the plan's buffer, the kernel arguments
-    (order, tile_offsets) that read it). Keep the buffer until the kernels
-    reading it are launched: its memory goes back to torch's allocator with it."""
-    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=device)  # order, tile offsets
+def launch_plan(kernel: loader.Kernel, packed: bytes, params, stream: int):
+    """The tile plan of `kernel` (a flash_plan instance) for the call whose
+    AttnParams are `packed`: (its buffer, the kernel arguments (order,
+    tile_offsets) that read it). Launched on `stream`, or found in
+    params.memo, made on this stream for the same lengths. Keep the buffer
+    until the kernels reading it are launched: its memory goes back to
+    torch's allocator with it."""
+    key = (kernel.name, stream, params.total_q, params.total_k, params.max_seqlen_q, params.max_seqlen_k)
+    memo = params.memo
+    if memo is not None:
+        found = memo.get(key)
+        if found is not None:
+            return found
+    batch = params.cu_seqlens_q.shape[0] - 1
+    plan = torch.empty(2 * batch + 1, dtype=torch.int32, device=params.q.device)  # order, tile offsets
     args = (loader.pointer(plan), loader.pointer(plan, 4 * batch))
     loader.launch(kernel, (1,), (PLAN_THREADS,), loader.Args(packed, *args), stream=stream)
+    if memo is not None and not torch.cuda.is_current_stream_capturing():
+        memo[key] = (plan, args)
     return plan, args
 
 

@@ -64,11 +64,17 @@ def cupy_missing_reason() -> str | None:
 
 
 def _cupy():
+    if _imported:
+        return _imported[0]
     reason = cupy_missing_reason()
     if reason:
         raise RuntimeError(reason)
     import cupy
+    _imported.append(cupy)
     return cupy
+
+
+_imported: list = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,18 +230,20 @@ def launch(kernel_: Kernel, grid, block, args: Args, shared_mem: int = 0, stream
     device, through the driver: CuPy's own argument handling costs tens of
     microseconds a launch."""
     cupy = _cupy()
-    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    gx, gy, gz = (*grid, 1, 1)[:3]
+    bx, by, bz = (*block, 1, 1)[:3]
     if stream is None:
         stream = current_stream(kernel_)
-    if cupy.cuda.runtime.getDevice() == kernel_.device_index:
+    runtime, driver = cupy.cuda.runtime, cupy.cuda.driver
+    if runtime.getDevice() == kernel_.device_index:
         if getattr(_thread, "context_of", None) != kernel_.device_index:
             # The driver needs the device's context current on this thread; a thread
             # that made no runtime call yet (autograd's backward threads) has none.
-            cupy.cuda.runtime.setDevice(kernel_.device_index)
+            runtime.setDevice(kernel_.device_index)
             _thread.context_of = kernel_.device_index
-        cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
-                                      ctypes.addressof(args.pointers), 0)
+        driver.launchKernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
+                            ctypes.addressof(args.pointers), 0)
     else:
         with cupy.cuda.Device(kernel_.device_index):
-            cupy.cuda.driver.launchKernel(kernel_.function, *grid, *block, shared_mem, stream,
-                                          ctypes.addressof(args.pointers), 0)
+            driver.launchKernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
+                                ctypes.addressof(args.pointers), 0)

@@ -27,6 +27,7 @@ import numpy
 import torch
 from torch._C import DispatchKey, DispatchKeySet
 from torch.nested._internal.nested_tensor import NestedTensor as Jagged
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import params as params_
 from . import ragged
@@ -56,7 +57,7 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
     shape = values.shape
     size = (like._size[0], *shape[:r], ragged_size, *shape[r + 1:])
     stride = values.stride()
-    strides = (ragged_size * stride[r], *stride)
+    strides = (_ragged_stride(like, ragged_size, stride[r]), *stride)
     nt = torch.Tensor._make_wrapper_subclass(
         Jagged, size, strides, 0, torch.contiguous_format, values.dtype, torch.jagged, values.device, False, False,
         "sizes", False, True, _JAGGED_KEYS, storage_size=values.untyped_storage().size())
@@ -69,6 +70,22 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
         if mark in marked_values:
             setattr(values, mark, {r})
     return nt
+
+
+_ragged_strides = WeakIdKeyDictionary()  # a jagged NestedTensor's ragged source -> {row stride: ragged size x it}
+
+
+def _ragged_stride(like, ragged_size, row_stride: int):
+    """ragged_size * row_stride, a nested int: symbolic arithmetic costs microseconds,
+    and the same few strides come back for the same sequences."""
+    source = like._offsets if like._lengths is None else like._lengths
+    products = _ragged_strides.get(source)
+    if products is None:
+        products = _ragged_strides[source] = {}
+    found = products.get(row_stride)
+    if found is None:
+        found = products[row_stride] = ragged_size * row_stride
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -87,13 +104,21 @@ class JaggedSide:
             raise ValueError(f"{name} is a jagged NestedTensor ragged in dim {nt._ragged_idx}, expected dim {ragged_dim}")
         self.nt, self.ragged_dim = nt, ragged_dim
 
-    def rows(self) -> Ragged:
+    def rows(self, same: Ragged | None = None) -> Ragged:
+        """The packed rows; `same`: the rows of a side with the same sequences, whose lengths serve."""
         nt, r = self.nt, self.ragged_dim - 1
+        values = nt._values if r == 0 else nt._values.movedim(r, 0)
+        if same is not None:
+            return Ragged(values=values, cu_seqlens=same.cu_seqlens, seqused=same.seqused, max_seqlen=same.max_seqlen)
         lengths = nt._lengths
-        return Ragged(values=nt._values if r == 0 else nt._values.movedim(r, 0),
-                      cu_seqlens=ragged.as_int32(nt._offsets),
+        return Ragged(values=values, cu_seqlens=ragged.as_int32(nt._offsets),
                       seqused=None if lengths is None else ragged.as_int32(lengths),
                       max_seqlen=nt._get_max_seqlen())  # kept by torch; computed (a sync) only when it is not
+
+    def same_sequences(self, other) -> bool:
+        """Whether `other` holds its sequences by the very same offsets and lengths tensors."""
+        return (isinstance(other, JaggedSide) and other.nt._offsets is self.nt._offsets
+                and other.nt._lengths is self.nt._lengths)
 
     def nested(self, rows: torch.Tensor):
         """A NestedTensor of this structure over packed `rows` (rows, *features)."""
@@ -122,7 +147,7 @@ class TracedJaggedSide(JaggedSide):
 
     differentiable = True
 
-    def rows(self) -> Ragged:
+    def rows(self, same: Ragged | None = None) -> Ragged:
         nt, r = self.nt, self.ragged_dim - 1
         lengths = nt.lengths()
         return Ragged(values=nt.values().movedim(r, 0), cu_seqlens=nt.offsets().to(torch.int32),
@@ -261,15 +286,15 @@ class StridedSide:
         self.nt, self.ragged_dim = nt, ragged_dim
         self.layout = strided_layout(nt, ragged_dim - 1, name)
 
-    def rows(self) -> Ragged:
+    def rows(self, same: Ragged | None = None) -> Ragged:
+        """The packed rows (`same` is for jagged sides; a layout's lengths are cached by contents)."""
         layout = self.layout
         values = _rows_in_layout(self.nt, layout)
-        device = values.device
+        cu = numpy.append(layout.starts, layout.rows)
         if layout.back_to_back:
-            cu, used = ragged.device_int32(numpy.append(layout.starts, layout.rows), device), None
+            (cu,), used = ragged.device_int32(cu, device=values.device), None
         else:
-            lengths = ragged.device_int32(numpy.concatenate([layout.starts, [layout.rows], layout.lengths]), device)
-            cu, used = lengths[:len(layout.starts) + 1], lengths[len(layout.starts) + 1:]
+            cu, used = ragged.device_int32(cu, layout.lengths, device=values.device)
         return Ragged(values=values, cu_seqlens=cu, seqused=used, max_seqlen=layout.max_seqlen)
 
     def new_nested(self, features: tuple[int, ...], dtype, device):
@@ -293,15 +318,27 @@ class StridedSide:
 
     def same_rows(self, other: StridedSide) -> bool:
         mine, theirs = self.layout, other.layout
-        return numpy.array_equal(mine.starts, theirs.starts) and numpy.array_equal(mine.lengths, theirs.lengths)
+        return mine is theirs or (numpy.array_equal(mine.starts, theirs.starts)
+                                  and numpy.array_equal(mine.lengths, theirs.lengths))
+
+    def same_sequences(self, other) -> bool:
+        return False
+
+    def copied(self, rows: torch.Tensor):
+        """A NestedTensor of this structure with packed `rows` copied in, by
+        differentiable torch ops (as_nested_tensor, whose backward takes a
+        gradient of any layout): torch's autograd.Function takes no strided
+        NestedTensors."""
+        seq, layout = self.layout.seq, self.layout
+        parts = [rows[start:start + n] for start, n in zip(layout.starts.tolist(), layout.lengths.tolist())]
+        made = torch.nested.as_nested_tensor(parts)
+        return made.transpose(1, seq + 1) if seq else made
 
 
 class GradStridedSide(StridedSide):
-    """A strided NestedTensor that a gradient must reach. torch's
-    autograd.Function takes no strided NestedTensors, so both ways are
-    differentiable torch ops: in, a view of its buffer (values() and
-    as_strided); out, the sequences' rows copied into a new NestedTensor
-    (as_nested_tensor), whose backward takes a gradient of any layout."""
+    """A strided NestedTensor that a gradient must reach, converted both ways
+    by differentiable torch ops: in, a view of its buffer (values() and
+    as_strided); out, `copied`."""
 
     differentiable = True
 
@@ -309,10 +346,7 @@ class GradStridedSide(StridedSide):
         return None
 
     def nested(self, rows: torch.Tensor):
-        seq, layout = self.layout.seq, self.layout
-        parts = [rows[start:start + n] for start, n in zip(layout.starts.tolist(), layout.lengths.tolist())]
-        made = torch.nested.as_nested_tensor(parts)
-        return made.transpose(1, seq + 1) if seq else made
+        return self.copied(rows)
 
 
 def _rows_in_layout(nt, layout: StridedLayout) -> torch.Tensor:
@@ -321,10 +355,9 @@ def _rows_in_layout(nt, layout: StridedLayout) -> torch.Tensor:
         buffer = nt.values()
         first_offset, row_strides = layout.view
         return buffer.as_strided((layout.rows, *layout.features), row_strides, buffer.storage_offset() + first_offset)
-    components = [c.movedim(layout.seq, 0) for c in nt.unbind()]
-    if not layout.rows:
-        return torch.empty(0, *layout.features, dtype=nt.dtype, device=nt.device)
-    return torch.cat(components)
+    if not layout.rows:  # from the buffer still, so that autograd connects it
+        return nt.values()[:0].view(0, *layout.features)
+    return torch.cat([c.movedim(layout.seq, 0) for c in nt.unbind()])
 
 
 def side(nt, ragged_dim: int, name: str, requires_grad: bool):
@@ -391,14 +424,17 @@ def call(query, key, value, layout, attn_mask, options):
     # others are read without it, and run.py's Function takes the NestedTensors.
     differentiable = sides[0].differentiable
     with contextlib.nullcontext() if differentiable else torch.no_grad():
-        q, k, v = (s.rows() for s in sides)
+        q = sides[0].rows()
+        k = sides[1].rows(q if sides[0].same_sequences(sides[1]) else None)
+        v = sides[2].rows(k)
     out = None
     if isinstance(sides[0], StridedSide):
         out = sides[0].new_nested((q.values.shape[1], v.values.shape[-1]), q.values.dtype, q.values.device)
     params = params_.build_params(
         q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
         seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
-        out=None if out is None else out[0], **options)
+        out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
+        **options)
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
 
 
@@ -451,4 +487,6 @@ def nested(rows_: torch.Tensor, side_):
     """A NestedTensor of `side_`'s structure over packed rows (rows, *features), differentiable."""
     if side_.differentiable or not params_.needs_grad(rows_):
         return side_.nested(rows_)
+    if isinstance(side_, StridedSide):
+        return side_.copied(rows_)
     return _FromRows.apply(rows_, side_)

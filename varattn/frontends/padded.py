@@ -96,7 +96,7 @@ def lengths_arg(lengths, batch: int, length: int, device, name: str):
     if not isinstance(lengths, (list, tuple)) or len(lengths) != batch:
         raise ValueError(f"{name} must be a list or tensor of {batch} lengths, got {lengths!r}")
     _check_host_lengths(lengths, length, name)
-    return ragged.device_int32(numpy.array(lengths, dtype=numpy.int64), device), max(lengths, default=0)
+    return ragged.device_int32(numpy.array(lengths, dtype=numpy.int64), device=device)[0], max(lengths, default=0)
 
 
 def _check_host_lengths(lengths, length: int, name: str) -> None:
@@ -172,7 +172,8 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
         rq, rk, rows_v = unpack(query, layout, q_lengths), unpack(key, layout, k_lengths), rows(value, layout)
     params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
                                   rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
-                                  requires_grad=requires_grad, **options)
+                                  requires_grad=requires_grad,
+                                  memo=ragged.memo(rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused), **options)
     form = PaddedForm(batch, len_q, len_k, layout)
     return params, form, None if torch.compiler.is_compiling() else (query, key, value)
 

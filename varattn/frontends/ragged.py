@@ -6,8 +6,11 @@ list) are copied from pinned memory without a sync, and jagged offsets (int64)
 are converted to the kernels' int32: some 10 to 15 microseconds each. A model
 hands the same lengths to every layer of a step, so both are kept for reuse:
 the host-made ones by their contents in a bounded cache, the converted
-offsets by the caller's offsets tensor, weakly, for as long as it lives. Each
-is made on a stream and reused only there. varattn never writes them.
+offsets by the caller's offsets tensor, weakly, for as long as it lives and
+is not changed in place. Each is made on a stream and reused only there, and
+none is kept when made during CUDA graph capture (it holds its values only
+once the graph replays). varattn never writes them: `memo()` gives the
+backends a place to keep what they derive from them (tile plans).
 """
 from __future__ import annotations
 
@@ -28,41 +31,70 @@ class Ragged:
     max_seqlen: int
 
 
-HOST_MADE_LIMIT = 256  # entries of the cache of lengths copied from the host
-_host_made: collections.OrderedDict = collections.OrderedDict()
-_converted = WeakIdKeyDictionary()
-_lock = threading.Lock()
+class _Recent:
+    """A bounded map, least recently used out first; safe across threads."""
+
+    def __init__(self, limit: int):
+        self.limit, self._items, self._lock = limit, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+HOST_MADE_LIMIT = 256
+_host_made = _Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
+_converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stream, int32 copy)
+_owned = WeakIdKeyDictionary()      # the tensors above: made here, never written
+_memos = WeakIdKeyDictionary()      # cu_seqlens_q (made here) -> {the call's other lengths: memo dict}
 
 
 def _stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index)
 
 
-def device_int32(host: numpy.ndarray, device: torch.device) -> torch.Tensor:
-    """Host ints (a NumPy array) as an int32 tensor on `device`, without a sync;
-    the same contents on the same device and stream give the same tensor."""
-    host = numpy.ascontiguousarray(host, dtype=numpy.int32)
+def device_int32(*hosts: numpy.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host ints (NumPy arrays) as int32 tensors on `device`, one per array,
+    without a sync; the same contents on the same device and stream give
+    the same tensors."""
+    host = numpy.concatenate(hosts).astype(numpy.int32) if len(hosts) > 1 else hosts[0].astype(numpy.int32)
     if device.type == "cpu":
-        return torch.from_numpy(host)
-    key = (host.tobytes(), device.index, _stream(device))
-    with _lock:
+        made = torch.from_numpy(host)
+    else:
+        key = (host.tobytes(), tuple(len(h) for h in hosts), device.index, _stream(device))
         found = _host_made.get(key)
         if found is not None:
-            _host_made.move_to_end(key)
             return found
-    # A copy from pageable memory would wait for the device; from pinned memory
-    # with non_blocking it is queued on the current stream.
-    made = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
-    with _lock:
-        _host_made[key] = made
-        if len(_host_made) > HOST_MADE_LIMIT:
-            _host_made.popitem(last=False)
-    return made
+        # A copy from pageable memory would wait for the device; from pinned
+        # memory with non_blocking it is queued on the current stream.
+        made = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+    parts = tuple(made.split([len(h) for h in hosts])) if len(hosts) > 1 else (made,)
+    if device.type != "cpu" and not torch.cuda.is_current_stream_capturing():
+        for part in parts:
+            _owned[part] = True
+        _host_made.put(key, parts)
+    return parts
 
 
 def slots(batch: int, length: int, device: torch.device) -> torch.Tensor:
     """cu_seqlens of `batch` slots of `length` rows each: [0, L, 2L, ...]."""
-    return device_int32(numpy.arange(batch + 1, dtype=numpy.int64) * length, device)
+    return device_int32(numpy.arange(batch + 1, dtype=numpy.int64) * length, device=device)[0]
 
 
 def as_int32(x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +110,40 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
     if found is not None and found[0] == x._version and found[1] == stream:
         return found[2]
     made = x.to(torch.int32)
-    _converted[x] = (x._version, stream, made)
+    if not torch.cuda.is_current_stream_capturing():
+        _converted[x] = (x._version, stream, made)
+        _owned[made] = True
     return made
 
 
+def memo(cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k) -> dict | None:
+    """A dict kept with these four length tensors (None allowed) for what the
+    backends derive from them, when all are made here (so their contents
+    never change); else None (so always under torch.compile, which traces
+    them). It lives as long as cu_seqlens_q does."""
+    if torch.compiler.is_compiling():
+        return None
+    if any(t is not None and t not in _owned for t in (cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k)):
+        return None
+    # The other three, held by the entry (so their ids stay theirs while it
+    # lives), except where one is cu_seqlens_q itself: a weak key its own
+    # value holds would never go.
+    others = tuple(_SELF if t is cu_seqlens_q else t for t in (seqused_q, cu_seqlens_k, seqused_k))
+    key = tuple(id(t) for t in others)
+    entries = _memos.get(cu_seqlens_q)
+    if entries is None:
+        entries = _memos[cu_seqlens_q] = {}
+    found = entries.get(key)
+    if found is None or any(a is not b for a, b in zip(found[0], others)):
+        found = entries[key] = (others, {})
+    return found[1]
+
+
+_SELF = object()
+
+
 def clear_caches() -> None:
-    """Drop every length tensor kept for reuse (for tests of memory use)."""
-    with _lock:
-        _host_made.clear()
+    """Drop every length tensor kept for reuse, and what was derived from them (for tests of memory use)."""
+    _host_made.clear()
     _converted.clear()
+    _memos.clear()
