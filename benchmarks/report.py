@@ -3,17 +3,18 @@
     python benchmarks/report.py results.json
 
 One row per workload; per implementation the median time in ms, the rate
-(TFLOP/s, or TB/s for decode) and the peak memory of one call when measured;
-then varattn's best time against the fastest anchor (torch NestedTensor SDPA,
-torch padded + mask, torch's efficient SDPA backend, FlexAttention):
-"x0.50" means varattn takes half the anchor's time.
+(TFLOP/s, or TB/s for decode), the peak memory of one call and the host time
+of one call (the fresh-call groups) where measured; then varattn's best time
+against the fastest anchor (torch NestedTensor SDPA, torch padded + mask,
+torch's efficient SDPA backend, FlexAttention): "x0.50" means varattn takes
+half the anchor's time.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-ANCHORS = ("torch-nested", "torch-padded", "torch-efficient", "flex")
+ANCHORS = ("torch-nested", "torch-padded", "torch-efficient", "flex", "torch-jagged", "torch-strided")
 
 
 def table(results: dict) -> str:
@@ -33,9 +34,11 @@ def table(results: dict) -> str:
                 cells.append("–")
                 continue
             r = row[impl]
-            rate = f"{r['tbps']:.2f} TB/s" if "tbps" in r else f"{r['tflops']:.0f} TFLOP/s"
-            memory = f", {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
-            cells.append(f"{r['median'] * 1e3:.3f} ms ({rate}{memory})")
+            notes = [f"{r['tbps']:.2f} TB/s" if "tbps" in r else f"{r['tflops']:.0f} TFLOP/s" if "tflops" in r else "",
+                     f"{r['peak_mib']:.0f} MiB" if "peak_mib" in r else "",
+                     f"host {r['host_us']:.0f} us" if "host_us" in r else ""]
+            notes = ", ".join(n for n in notes if n)
+            cells.append(f"{r['median'] * 1e3:.3f} ms" + (f" ({notes})" if notes else ""))
         ours = [r["median"] for i, r in row.items() if i.startswith("varattn")]
         anchors = [r["median"] for i, r in row.items() if i in ANCHORS]
         ratio = f"x{min(ours) / min(anchors):.2f}" if ours and anchors else "–"

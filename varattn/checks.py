@@ -46,19 +46,22 @@ def packed_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must be packed as (total, heads, head_dim), got shape {tuple(x.shape)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-        if x.shape[-1] > 0 and x.stride(-1) != 1:
+        if x.stride(2) != 1 and x.shape[2] > 0:
             raise ValueError(f"{name} must have unit stride on its last (head_dim) dimension, got strides {x.stride()}")
-    same_device(q, "q", k, "k")
-    same_device(q, "q", v, "v")
+    device = q.device
+    if k.device != device or v.device != device:
+        same_device(q, "q", k, "k")
+        same_device(q, "q", v, "v")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head_dim must be positive, got q {q.shape[-1]} and v {v.shape[-1]}")
-    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+    (_, heads, head_dim), (total_k, heads_kv, head_dim_k), (total_v, heads_v, head_dim_v) = q.shape, k.shape, v.shape
+    if head_dim != head_dim_k:
+        raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {head_dim_k}")
+    if head_dim == 0 or head_dim_v == 0:
+        raise ValueError(f"head_dim must be positive, got q {head_dim} and v {head_dim_v}")
+    if total_k != total_v or heads_kv != heads_v:
         raise ValueError(f"k and v must have the same (total_k, heads_kv), got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+    if heads_kv == 0 or heads % heads_kv != 0:
         raise ValueError(
             f"the number of query heads must be a multiple of the key/value heads (GQA/MQA), "
             f"got {q.shape[1]} query heads and {k.shape[1]} key/value heads")

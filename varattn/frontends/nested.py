@@ -27,7 +27,6 @@ import numpy
 import torch
 from torch._C import DispatchKey, DispatchKeySet
 from torch.nested._internal.nested_tensor import NestedTensor as Jagged
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import params as params_
 from . import ragged
@@ -57,7 +56,7 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
     shape = values.shape
     size = (like._size[0], *shape[:r], ragged_size, *shape[r + 1:])
     stride = values.stride()
-    strides = (_ragged_stride(like, ragged_size, stride[r]), *stride)
+    strides = (ragged_size * stride[r], *stride)
     nt = torch.Tensor._make_wrapper_subclass(
         Jagged, size, strides, 0, torch.contiguous_format, values.dtype, torch.jagged, values.device, False, False,
         "sizes", False, True, _JAGGED_KEYS, storage_size=values.untyped_storage().size())
@@ -70,22 +69,6 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
         if mark in marked_values:
             setattr(values, mark, {r})
     return nt
-
-
-_ragged_strides = WeakIdKeyDictionary()  # a jagged NestedTensor's ragged source -> {row stride: ragged size x it}
-
-
-def _ragged_stride(like, ragged_size, row_stride: int):
-    """ragged_size * row_stride, a nested int: symbolic arithmetic costs microseconds,
-    and the same few strides come back for the same sequences."""
-    source = like._offsets if like._lengths is None else like._lengths
-    products = _ragged_strides.get(source)
-    if products is None:
-        products = _ragged_strides[source] = {}
-    found = products.get(row_stride)
-    if found is None:
-        found = products[row_stride] = ragged_size * row_stride
-    return found
 
 
 # ---------------------------------------------------------------------------
@@ -106,8 +89,8 @@ class JaggedSide:
 
     def rows(self, same: Ragged | None = None) -> Ragged:
         """The packed rows; `same`: the rows of a side with the same sequences, whose lengths serve."""
-        nt, r = self.nt, self.ragged_dim - 1
-        values = nt._values if r == 0 else nt._values.movedim(r, 0)
+        nt = self.nt
+        values = nt._values if self.ragged_dim == 1 else nt._values.transpose(0, 1)
         if same is not None:
             return Ragged(values=values, cu_seqlens=same.cu_seqlens, seqused=same.seqused, max_seqlen=same.max_seqlen)
         lengths = nt._lengths
@@ -122,13 +105,11 @@ class JaggedSide:
 
     def nested(self, rows: torch.Tensor):
         """A NestedTensor of this structure over packed `rows` (rows, *features)."""
-        r = self.ragged_dim - 1
-        return jagged_like(rows if r == 0 else rows.movedim(0, r), self.nt, self.ragged_dim)
+        return jagged_like(rows if self.ragged_dim == 1 else rows.transpose(0, 1), self.nt, self.ragged_dim)
 
     def rows_of(self, nt) -> torch.Tensor:
         """The packed rows of `nt`, a NestedTensor of this structure (a gradient)."""
-        r = self.ragged_dim - 1
-        return nt._values if r == 0 else nt._values.movedim(r, 0)
+        return nt._values if self.ragged_dim == 1 else nt._values.transpose(0, 1)
 
     def same_rows(self, other: JaggedSide) -> bool:
         mine, theirs = self.nt, other.nt

@@ -10,7 +10,8 @@ offsets by the caller's offsets tensor, weakly, for as long as it lives and
 is not changed in place. Each is made on a stream and reused only there, and
 none is kept when made during CUDA graph capture (it holds its values only
 once the graph replays). varattn never writes them: `memo()` gives the
-backends a place to keep what they derive from them (tile plans).
+backends a place to keep what they derive from them (tile plans), on the
+tensors themselves, so that it goes with them.
 """
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ class _Recent:
 HOST_MADE_LIMIT = 256
 _host_made = _Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
 _converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stream, int32 copy)
-_owned = WeakIdKeyDictionary()      # the tensors above: made here, never written
-_memos = WeakIdKeyDictionary()      # cu_seqlens_q (made here) -> {the call's other lengths: memo dict}
+# The tensors made here carry `_varattn_memos`: {the call's other lengths: memo
+# dict} (cheaper to reach than a weak dictionary, and theirs alone).
 
 
 def _stream(device: torch.device) -> int:
@@ -87,7 +88,7 @@ def device_int32(*hosts: numpy.ndarray, device: torch.device) -> tuple[torch.Ten
     parts = tuple(made.split([len(h) for h in hosts])) if len(hosts) > 1 else (made,)
     if device.type != "cpu" and not torch.cuda.is_current_stream_capturing():
         for part in parts:
-            _owned[part] = True
+            part._varattn_memos = {}
         _host_made.put(key, parts)
     return parts
 
@@ -112,7 +113,7 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
     made = x.to(torch.int32)
     if not torch.cuda.is_current_stream_capturing():
         _converted[x] = (x._version, stream, made)
-        _owned[made] = True
+        made._varattn_memos = {}
     return made
 
 
@@ -123,16 +124,14 @@ def memo(cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k) -> dict | None:
     them). It lives as long as cu_seqlens_q does."""
     if torch.compiler.is_compiling():
         return None
-    if any(t is not None and t not in _owned for t in (cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k)):
+    entries = getattr(cu_seqlens_q, "_varattn_memos", None)
+    others = (seqused_q, cu_seqlens_k, seqused_k)
+    if entries is None or any(t is not None and not hasattr(t, "_varattn_memos") for t in others):
         return None
     # The other three, held by the entry (so their ids stay theirs while it
-    # lives), except where one is cu_seqlens_q itself: a weak key its own
-    # value holds would never go.
-    others = tuple(_SELF if t is cu_seqlens_q else t for t in (seqused_q, cu_seqlens_k, seqused_k))
-    key = tuple(id(t) for t in others)
-    entries = _memos.get(cu_seqlens_q)
-    if entries is None:
-        entries = _memos[cu_seqlens_q] = {}
+    # lives), except where one is cu_seqlens_q itself, which would hold itself.
+    others = tuple(_SELF if t is cu_seqlens_q else t for t in others)
+    key = tuple(map(id, others))
     found = entries.get(key)
     if found is None or any(a is not b for a, b in zip(found[0], others)):
         found = entries[key] = (others, {})
@@ -146,4 +145,3 @@ def clear_caches() -> None:
     """Drop every length tensor kept for reuse, and what was derived from them (for tests of memory use)."""
     _host_made.clear()
     _converted.clear()
-    _memos.clear()
