@@ -152,6 +152,25 @@ class StridedLayout:
     view: tuple | None                       # (storage offset of row 0, row strides) of the packed view; None: copy
     back_to_back: bool                       # sequences follow each other from row 0
     _templates: dict = field(default_factory=dict, repr=False)
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rows_key(self) -> bytes:
+        return self.starts.tobytes() + self.lengths.tobytes()
+
+    def lengths_on(self, device: torch.device):
+        """(cu_seqlens, seqused or None) on `device`, made once per device and stream."""
+        key = (device.index, ragged.stream_of(device))
+        found = self._on_device.get(key)
+        if found is None:
+            cu = numpy.append(self.starts, self.rows)
+            if self.back_to_back:
+                found = (ragged.device_int32(cu, device=device)[0], None)
+            else:
+                found = ragged.device_int32(cu, self.lengths, device=device)
+            if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+                self._on_device[key] = found
+        return found
 
     @property
     def max_seqlen(self) -> int:
@@ -189,6 +208,7 @@ class StridedLayout:
 _LAYOUTS_LIMIT = 32
 _layouts: collections.OrderedDict = collections.OrderedDict()
 _layouts_lock = threading.Lock()
+ragged._also_cleared.append(_layouts.clear)
 
 
 def strided_layout(nt, seq: int, name: str) -> StridedLayout:
@@ -268,14 +288,10 @@ class StridedSide:
         self.layout = strided_layout(nt, ragged_dim - 1, name)
 
     def rows(self, same: Ragged | None = None) -> Ragged:
-        """The packed rows (`same` is for jagged sides; a layout's lengths are cached by contents)."""
+        """The packed rows (`same` is for jagged sides; a layout keeps its lengths)."""
         layout = self.layout
         values = _rows_in_layout(self.nt, layout)
-        cu = numpy.append(layout.starts, layout.rows)
-        if layout.back_to_back:
-            (cu,), used = ragged.device_int32(cu, device=values.device), None
-        else:
-            cu, used = ragged.device_int32(cu, layout.lengths, device=values.device)
+        cu, used = layout.lengths_on(values.device)
         return Ragged(values=values, cu_seqlens=cu, seqused=used, max_seqlen=layout.max_seqlen)
 
     def new_nested(self, features: tuple[int, ...], dtype, device):
@@ -298,9 +314,7 @@ class StridedSide:
         return torch._nested_view_from_buffer(rows.view(-1), *self.layout.nested_metadata(rows.shape[1:], rows.stride()))
 
     def same_rows(self, other: StridedSide) -> bool:
-        mine, theirs = self.layout, other.layout
-        return mine is theirs or (numpy.array_equal(mine.starts, theirs.starts)
-                                  and numpy.array_equal(mine.lengths, theirs.lengths))
+        return self.layout is other.layout or self.layout.rows_key == other.layout.rows_key
 
     def same_sequences(self, other) -> bool:
         return False

@@ -44,18 +44,26 @@ def as_blhd(x, layout: str) -> torch.Tensor:
 
 def rows(x, layout: str) -> torch.Tensor:
     """(B * L, H, D): a view when (B, L) merge, else a copy."""
+    return merged(as_blhd(x, layout))
+
+
+def merged(x) -> torch.Tensor:
+    """(B, L, *features) -> (B * L, *features)."""
+    shape = x.shape
+    return x.reshape(shape[0] * shape[1], *shape[2:])
+
+
+def unpack(x, layout: str, lengths, cu_seqlens=None) -> Ragged:
+    """x: (B, H, L, D) or (B, L, H, D); lengths: None (all full) or (device
+    int32 tensor, host max or None); cu_seqlens: the slots' (of a side with
+    the same B and L), or None."""
     x = as_blhd(x, layout)
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def unpack(x, layout: str, lengths) -> Ragged:
-    """x: (B, H, L, D) or (B, L, H, D); lengths: None (all full) or (device int32 tensor, host max or None)."""
-    values = rows(x, layout)
-    batch, length = as_blhd(x, layout).shape[:2]
+    batch, length = x.shape[:2]
     seqused, max_seqlen = (None, length) if lengths is None else lengths
-    cu_seqlens = (ragged.slots(batch, length, x.device) if not torch.compiler.is_compiling()
-                  else torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=x.device))
-    return Ragged(values=values, cu_seqlens=cu_seqlens, seqused=seqused,
+    if cu_seqlens is None:
+        cu_seqlens = (ragged.slots(batch, length, x.device) if not torch.compiler.is_compiling()
+                      else torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=x.device))
+    return Ragged(values=merged(x), cu_seqlens=cu_seqlens, seqused=seqused,
                   max_seqlen=length if max_seqlen is None else max_seqlen)
 
 
@@ -169,7 +177,9 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
     requires_grad = params_.needs_grad(query, key, value, attn_mask)
     with torch.no_grad() if requires_grad and not torch.compiler.is_compiling() else contextlib.nullcontext():
         # eagerly, run.py's Function carries the gradients to the caller's tensors
-        rq, rk, rows_v = unpack(query, layout, q_lengths), unpack(key, layout, k_lengths), rows(value, layout)
+        rq = unpack(query, layout, q_lengths)
+        rk = unpack(key, layout, k_lengths, rq.cu_seqlens if len_k == len_q else None)
+        rows_v = merged(v)
     params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
                                   rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
                                   requires_grad=requires_grad,

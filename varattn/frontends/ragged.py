@@ -66,8 +66,11 @@ _converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stre
 # dict} (cheaper to reach than a weak dictionary, and theirs alone).
 
 
-def _stream(device: torch.device) -> int:
-    return torch._C._cuda_getCurrentRawStream(device.index)
+def stream_of(device: torch.device) -> int | None:
+    """The current stream of a CUDA device (None for the CPU)."""
+    if device.type == "cpu":
+        return None
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def device_int32(*hosts: numpy.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -78,7 +81,7 @@ def device_int32(*hosts: numpy.ndarray, device: torch.device) -> tuple[torch.Ten
     if device.type == "cpu":
         made = torch.from_numpy(host)
     else:
-        key = (host.tobytes(), tuple(len(h) for h in hosts), device.index, _stream(device))
+        key = (host.tobytes(), tuple(len(h) for h in hosts), device.index, stream_of(device))
         found = _host_made.get(key)
         if found is not None:
             return found
@@ -106,7 +109,7 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.device.type == "cpu":
         return x.to(torch.int32)
-    stream = _stream(x.device)
+    stream = stream_of(x.device)
     found = _converted.get(x)
     if found is not None and found[0] == x._version and found[1] == stream:
         return found[2]
@@ -145,3 +148,8 @@ def clear_caches() -> None:
     """Drop every length tensor kept for reuse, and what was derived from them (for tests of memory use)."""
     _host_made.clear()
     _converted.clear()
+    for clear in _also_cleared:
+        clear()
+
+
+_also_cleared: list = []  # the front ends' caches holding such tensors
