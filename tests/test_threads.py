@@ -55,8 +55,8 @@ import torch, reference, varattn
 records = []
 class Count(logging.Handler):
     def emit(self, record):
-        if "ready for" in record.msg:
-            records.append(record.args[0])
+        if "ready for" in record.msg:  # args: the instance, its family
+            records.append(f"{record.args[1]}: {record.args[0]}")
 logger = logging.getLogger("varattn")
 logger.setLevel(logging.INFO)
 logger.addHandler(Count())
