@@ -1,5 +1,5 @@
 // attn_params.cuh — the packed-form attention call as every kernel receives it
-// (by value, one struct). varattn/kernel_params.py packs it on the host in the
+// (by value, one struct). varattn/cuda/structs.py packs it on the host in the
 // same field order; tests/test_kernels_compile.py checks both layouts agree.
 // Strides are in elements. 8-byte fields first, then 4-byte ones, so the
 // layout has no padding.

@@ -2,7 +2,7 @@
 // (mbarriers) they complete on, as the flash forward on sm_90a uses them.
 //
 // A copy is described by a tensor map that the host encodes once per tensor
-// (varattn/tensor_map.py: cuTensorMapEncodeTiled) and passes by value as a
+// (varattn/cuda/tensor_map.py: cuTensorMapEncodeTiled) and passes by value as a
 // __grid_constant__ kernel parameter. One thread issues a whole tile; the
 // copy engine writes it, 128-byte swizzled, and counts its bytes against a
 // barrier's expected transaction count; consumers wait on the barrier's phase.

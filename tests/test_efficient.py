@@ -249,7 +249,7 @@ def test_dropout_forward_and_backward_match_reference_with_the_same_mask(gen, dt
 
 
 def test_repeated_nested_calls_draw_new_masks(gen):
-    """A NestedTensor call is prepared once and reused (varattn/repeat.py); each run draws its own stream."""
+    """Calls on the same NestedTensors each draw their own dropout stream."""
     parts = [reference.randn(gen, n, 2 * 32, device="cuda") for n in (30, 1, 75)]
     x = torch.nested.nested_tensor(parts, layout=torch.jagged).view(3, -1, 2, 32).transpose(1, 2)
     assert varattn.explain(x, x, x, dropout_p=0.4).chosen == Backend.EFFICIENT
