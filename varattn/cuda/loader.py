@@ -64,17 +64,11 @@ def cupy_missing_reason() -> str | None:
 
 
 def _cupy():
-    if _imported:
-        return _imported[0]
     reason = cupy_missing_reason()
     if reason:
         raise RuntimeError(reason)
     import cupy
-    _imported.append(cupy)
     return cupy
-
-
-_imported: list = []
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,9 +74,6 @@ MATH_GRADS = Struct("MathGrads", "math.cu", (
 STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS)
 
 BIAS_KINDS = {"none": 0, "bool": 1, "additive": 2}
-_OUT = ATTN_PARAMS.offsets["out"]
-_OUTPUTS = struct.Struct("<QQ")
-assert ATTN_PARAMS.offsets["lse"] == _OUT + 8
 
 
 def _ptr(t) -> int:
@@ -85,8 +82,7 @@ def _ptr(t) -> int:
 
 def attn_params(p, out, lse) -> bytes:
     """The AttnParams of call `p` (an AttentionParams) writing into `out` and
-    `lse` (None: a null pointer, or filled in later by `with_outputs`); the
-    outputs are contiguous."""
+    `lse` (None: a null pointer); the outputs are contiguous."""
     q, k, v, bias = p.q, p.k, p.v, p.attn_bias
     q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
     (total_q, heads, head_dim), (total_k, heads_kv, _), head_dim_v = q.shape, k.shape, v.shape[2]
@@ -103,7 +99,3 @@ def attn_params(p, out, lse) -> bytes:
         p.window[0], p.window[1],
     )
 
-
-def with_outputs(packed: bytes, out, lse) -> bytes:
-    """AttnParams bytes `packed` writing into `out` and `lse` (None: not written) instead."""
-    return packed[:_OUT] + _OUTPUTS.pack(_ptr(out), _ptr(lse)) + packed[_OUT + 16:]

@@ -18,9 +18,7 @@ used.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import threading
 from dataclasses import dataclass, field
 
 import numpy
@@ -205,10 +203,7 @@ class StridedLayout:
         return None if found is False else found
 
 
-_LAYOUTS_LIMIT = 32
-_layouts: collections.OrderedDict = collections.OrderedDict()
-_layouts_lock = threading.Lock()
-ragged._also_cleared.append(_layouts.clear)
+_layouts = ragged.Recent(32)  # metadata's contents -> StridedLayout
 
 
 def strided_layout(nt, seq: int, name: str) -> StridedLayout:
@@ -219,16 +214,10 @@ def strided_layout(nt, seq: int, name: str) -> StridedLayout:
     strides = nt._nested_tensor_strides().numpy()
     offsets = nt._nested_tensor_storage_offsets().numpy()
     key = (seq, sizes.tobytes(), strides.tobytes(), offsets.tobytes(), sizes.shape)
-    with _layouts_lock:
-        found = _layouts.get(key)
-        if found is not None:
-            _layouts.move_to_end(key)
-            return found
-    found = _strided_layout(sizes, strides, offsets, seq, name)
-    with _layouts_lock:
-        _layouts[key] = found
-        if len(_layouts) > _LAYOUTS_LIMIT:
-            _layouts.popitem(last=False)
+    found = _layouts.get(key)
+    if found is None:
+        found = _strided_layout(sizes, strides, offsets, seq, name)
+        _layouts.put(key, found)
     return found
 
 
@@ -431,8 +420,6 @@ def call(query, key, value, layout, attn_mask, options):
         out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
         **options)
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
-
-
 
 
 # ---------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
     requires_grad = params_.needs_grad(query, key, value, attn_mask)
     with torch.no_grad() if requires_grad and not torch.compiler.is_compiling() else contextlib.nullcontext():
         # eagerly, run.py's Function carries the gradients to the caller's tensors
-        rq = unpack(query, layout, q_lengths)
-        rk = unpack(key, layout, k_lengths, rq.cu_seqlens if len_k == len_q else None)
+        rq = unpack(q, "blhd", q_lengths)
+        rk = unpack(k, "blhd", k_lengths, rq.cu_seqlens if len_k == len_q else None)
         rows_v = merged(v)
     params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
                                   rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,

@@ -32,11 +32,15 @@ class Ragged:
     max_seqlen: int
 
 
-class _Recent:
-    """A bounded map, least recently used out first; safe across threads."""
+class Recent:
+    """A bounded map, least recently used out first; safe across threads.
+    Every one made is emptied by clear_caches()."""
+
+    made: list = []
 
     def __init__(self, limit: int):
         self.limit, self._items, self._lock = limit, collections.OrderedDict(), threading.Lock()
+        Recent.made.append(self)
 
     def get(self, key):
         with self._lock:
@@ -60,7 +64,7 @@ class _Recent:
 
 
 HOST_MADE_LIMIT = 256
-_host_made = _Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
+_host_made = Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
 _converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stream, int32 copy)
 # The tensors made here carry `_varattn_memos`: {the call's other lengths: memo
 # dict} (cheaper to reach than a weak dictionary, and theirs alone).
@@ -146,10 +150,6 @@ _SELF = object()
 
 def clear_caches() -> None:
     """Drop every length tensor kept for reuse, and what was derived from them (for tests of memory use)."""
-    _host_made.clear()
+    for cache in Recent.made:
+        cache.clear()
     _converted.clear()
-    for clear in _also_cleared:
-        clear()
-
-
-_also_cleared: list = []  # the front ends' caches holding such tensors
