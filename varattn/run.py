@@ -72,10 +72,10 @@ def attention(params: AttentionParams, form: Form = PACKED, inputs: tuple | None
         return form.outputs(out, lse if params.return_lse else None)
     if params.requires_grad:
         if inputs is None:
-            out, lse = _Attention.apply(params, PACKED, dispatch.allowed(), params.q, params.k, params.v,
-                                        params.attn_bias)
-            return form.outputs(out, lse)
-        return _Attention.apply(params, form, dispatch.allowed(), *inputs, params.attn_bias)
+            made = _Attention.apply(params, PACKED, dispatch.allowed(), params.q, params.k, params.v, params.attn_bias)
+            return form.outputs(*made) if params.return_lse else form.outputs(made, None)
+        made = _Attention.apply(params, form, dispatch.allowed(), *inputs, params.attn_bias)
+        return made if params.return_lse else (made, None)
     _, params, out, lse = _forward(params)
     return form.outputs(out, lse if params.return_lse else None)
 
@@ -102,7 +102,9 @@ def _own(x):
 class _Attention(torch.autograd.Function):
     """A call with a gradient, eagerly: the params' tensors (possibly the
     caller's own) go through save_for_backward, the rest of the params and
-    the backend that ran the forward beside them."""
+    the backend that ran the forward beside them. It returns the result
+    alone unless lse was asked for: a None beside a NestedTensor output
+    makes autograd detach it, which builds another NestedTensor."""
 
     @staticmethod
     def forward(ctx, params, form, allowed, q, k, v, attn_bias):
@@ -111,11 +113,13 @@ class _Attention(torch.autograd.Function):
         ctx.params = dataclasses.replace(params, q=None, k=None, v=None, attn_bias=None, out=None)
         ctx.backend, ctx.form, ctx.bias_grad = backend, form, _bias_grad(attn_bias)
         ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
-        result, result_lse = form.outputs(out, lse if params.return_lse else None)
+        if not params.return_lse:
+            return _own(form.outputs(out, None)[0])
+        result, result_lse = form.outputs(out, lse)
         return _own(result), _own(result_lse)
 
     @staticmethod
-    def backward(ctx, grad_result, grad_result_lse):
+    def backward(ctx, grad_result, grad_result_lse=None):
         q, k, v, attn_bias, out, lse = ctx.saved_tensors
         params = dataclasses.replace(ctx.params, q=q, k=k, v=v, attn_bias=attn_bias)
         grad_out, grad_lse = ctx.form.grad_outputs(grad_result, grad_result_lse)

@@ -61,7 +61,7 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal,
                                 causal_align=causal_align, window=window, scale=scale, dropout_p=dropout_p,
                                 return_lse=return_lse, deterministic=deterministic)
-    out, lse = run.attention(params, form, inputs)
+    out, lse = (nested.attend if isinstance(form, nested.NestedForm) else run.attention)(params, form, inputs)
     return (out, lse) if return_lse else out
 
 

@@ -19,14 +19,17 @@ used.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import numpy
 import torch
 from torch._C import DispatchKey, DispatchKeySet
+from torch._library import simple_registry
 from torch.nested._internal.nested_tensor import NestedTensor as Jagged
 
 from .. import params as params_
+from .. import run
 from . import ragged
 from .ragged import Ragged
 
@@ -67,6 +70,59 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
         if mark in marked_values:
             setattr(values, mark, {r})
     return nt
+
+
+class _MetadataRules:
+    """While entered (by any thread), the metadata autograd reads of each
+    jagged NestedTensor an autograd.Function takes or returns (its sizes,
+    strides, dim and layout) are answered straight from its fields.
+
+    torch before 2.12 answers them through the subclass's generic op table,
+    which checks a schema per query: some 15 to 25 microseconds each, and a
+    call with gradients makes about ten. These rules, registered through
+    torch's open registration of __torch_dispatch__ rules and only for the
+    span of varattn's own calls, return what torch's kernels return (newer
+    torch answers them the same way, ahead of its table); a rule someone
+    else registered for these ops is left in place.
+    """
+
+    _OPS = {
+        torch.ops.aten.sym_size.default: lambda nt: nt._size,
+        torch.ops.aten.sym_stride.default: lambda nt: nt._strides,
+        torch.ops.aten.dim.default: lambda nt: len(nt._size),
+        torch.ops.prim.layout.default: lambda nt: torch.jagged,
+    }
+
+    def __init__(self):
+        self._lock, self._entered, self._handles = threading.Lock(), 0, []
+
+    def __enter__(self):
+        with self._lock:
+            self._entered += 1
+            if self._entered == 1:
+                for op, answer in self._OPS.items():
+                    rules = simple_registry.singleton.find(op.__qualname__).torch_dispatch_rules
+                    if rules.find(Jagged) is None:
+                        self._handles.append(rules.register(Jagged, self._rule(answer)))
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._entered -= 1
+            if self._entered == 0:
+                for handle in self._handles:
+                    handle.destroy()
+                self._handles.clear()
+
+    @staticmethod
+    def _rule(answer):
+        def rule(cls, func, types, args, kwargs):
+            if len(args) == 1 and not kwargs and type(args[0]) is Jagged:
+                return answer(args[0])
+            return Jagged.__torch_dispatch__(func, types, args, kwargs)
+        return rule
+
+
+metadata_rules = _MetadataRules()
 
 
 # ---------------------------------------------------------------------------
@@ -422,6 +478,15 @@ def call(query, key, value, layout, attn_mask, options):
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
 
 
+def attend(params, form: NestedForm, inputs):
+    """run.attention of a call made by `call`: under metadata_rules when
+    run.py's Function takes the caller's NestedTensors."""
+    if inputs is not None and params.requires_grad:
+        with metadata_rules:
+            return run.attention(params, form, inputs)
+    return run.attention(params, form, inputs)
+
+
 # ---------------------------------------------------------------------------
 # Differentiable conversions for blocks that work on the packed rows between
 # (varattn.nn.SelfAttention): NestedTensor -> rows -> NestedTensor.
@@ -461,7 +526,8 @@ def rows(nt, ragged_dim: int, name: str):
         return s.rows(), s
     with torch.no_grad():
         packed = s.rows()
-    packed.values = _ToRows.apply(nt, s, packed.values)
+    with metadata_rules:
+        packed.values = _ToRows.apply(nt, s, packed.values)
     return packed, s
 
 
@@ -471,4 +537,5 @@ def nested(rows_: torch.Tensor, side_):
         return side_.nested(rows_)
     if isinstance(side_, StridedSide):
         return side_.copied(rows_)
-    return _FromRows.apply(rows_, side_)
+    with metadata_rules:
+        return _FromRows.apply(rows_, side_)
