@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
+from .recent import Recent
 
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
@@ -56,6 +57,8 @@ class AttentionParams:
     dropout_state: tuple[int, int] | None = None  # (seed, offset) of the call's dropout stream (varattn/dropout.py)
     memo: dict | None = None               # kept with the four length tensors when their contents never change
                                            # (frontends/ragged.py): where backends keep what they derive (tile plans)
+    structure: tuple | None = None         # see build_params: equal for calls that pass the same checks and
+                                           # dispatch alike, given their tensors' addresses
 
     @property
     def batch_size(self) -> int:
@@ -128,7 +131,7 @@ def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
     attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
-    requires_grad=None, out=None, memo=None,
+    requires_grad=None, out=None, memo=None, structure=None,
 ) -> AttentionParams:
     """Validate packed inputs (host-side) and describe the call.
 
@@ -137,7 +140,32 @@ def build_params(
     rows, read without autograd) passes `needs_grad` of the caller's.
     out: a (total_q, H, D_v) buffer of q's dtype and device for the forward to
     write into (a front end's output made ahead), or None. memo: see
-    AttentionParams.memo."""
+    AttentionParams.memo.
+
+    structure: a key, made by the front end, of everything about the call
+    but its tensors' addresses, row counts and lengths' contents: the
+    tensors' types, dtypes, devices, other sizes and strides, the lengths
+    tensors' shapes, requires_grad and every option. A call with the key of
+    one already checked skips the checks that depend on nothing else (and
+    dispatch reuses its choice, varattn/dispatch.py); None: checked in full.
+    """
+    if structure is not None and attn_bias is None and max_seqlen_q is not None and max_seqlen_k is not None:
+        try:
+            known = _checked.get(structure)
+        except TypeError:  # an option of an unhashable kind (a window given as a list): checked in full
+            known, structure = None, None
+        if known is not None:
+            checks.non_negative_int(max_seqlen_q, "max_seqlen_q")
+            checks.non_negative_int(max_seqlen_k, "max_seqlen_k")
+            params = AttentionParams(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known,
+                out=out, requires_grad=requires_grad, memo=memo, structure=structure,
+                deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
+            if q.device.type == "cpu" or checks.device_checks_enabled():
+                _check_lengths(params)
+            return params
+    else:
+        structure = None
     checks.packed_qkv(q, k, v)
     batch = checks.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
     batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
@@ -165,11 +193,7 @@ def build_params(
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
     if requires_grad is None:
         requires_grad = needs_grad(q, k, v, attn_bias)
-    # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
-    if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
-        checks.lengths_content(cu_seqlens_q, seqused_q, q.shape[0], max_seqlen_q, "q")
-        checks.lengths_content(cu_seqlens_k, seqused_k, k.shape[0], max_seqlen_k, "k")
-    return AttentionParams(
+    params = AttentionParams(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -177,4 +201,22 @@ def build_params(
         attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
         requires_grad=requires_grad,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out, memo=memo,
+        structure=structure,
     )
+    # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
+    if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
+        _check_lengths(params)
+    if structure is not None:
+        _checked.put(structure, (params.causal, params.causal_align, params.window, params.scale, None,
+                                 params.dropout_p, params.return_lse))
+    return params
+
+
+def _check_lengths(p: AttentionParams) -> None:
+    checks.lengths_content(p.cu_seqlens_q, p.seqused_q, p.q.shape[0], p.max_seqlen_q, "q")
+    checks.lengths_content(p.cu_seqlens_k, p.seqused_k, p.k.shape[0], p.max_seqlen_k, "k")
+
+
+# structure -> the checked options, in AttentionParams' order from causal to
+# return_lse (attn_bias None): bounded, and holding only small values.
+_checked = Recent(1024)

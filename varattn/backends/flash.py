@@ -105,10 +105,12 @@ def reasons(params) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernels(chosen: Kernel, dtype: torch.dtype, head_dim: int, device_index: int):
-    """(plan kernel, forward kernel) of `chosen` for the call's dtype, head dim and device."""
+def _forward_kernels(dtype: torch.dtype, head_dim: int, device_index: int, wgmma: bool = True):
+    """(Kernel, its plan kernel, its forward kernel) for the call's dtype,
+    head dim and device: kernel_for's choice, or mma.sync when not `wgmma`."""
     device = torch.device("cuda", device_index)
-    return (loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
+    chosen = kernel_for(head_dim, loader.arch_of(device)) if wgmma else MMA_SYNC[head_dim]
+    return (chosen, loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
             loader.kernel(chosen.family, chosen.instance(dtype, head_dim), device, dynamic_shared_mem=chosen.shared_mem))
 
 
@@ -121,16 +123,16 @@ def forward(params):
     batch = params.cu_seqlens_q.shape[0] - 1
     if q.shape[0] == 0 or batch == 0:
         return out, lse
-    device, head_dim = q.device, q.shape[2]
-    chosen, maps = kernel_for(head_dim, loader.arch_of(device)), ()
+    head_dim, index = q.shape[2], q.get_device()
+    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, index)
+    maps = ()
     if chosen.family == "flash_fwd_hopper":
         try:
             maps = (tensor_map.rows(q, chosen.block_m), tensor_map.rows(k, chosen.block_n),
                     tensor_map.rows(v, chosen.block_n))
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
             log.info("varattn: %s; using the mma.sync kernel", error)
-            chosen = MMA_SYNC[head_dim]
-    plan_kernel, fwd_kernel = _forward_kernels(chosen, q.dtype, head_dim, device.index)
+            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, index, False)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
     plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)

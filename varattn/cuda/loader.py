@@ -192,6 +192,8 @@ class Args:
     """A kernel's arguments, each given as the bytes of its parameter (struct
     layouts, `pointer()`, `int64()`), kept alive for any number of launches."""
 
+    __slots__ = ("_buffer", "pointers")
+
     def __init__(self, *values: bytes):
         joined = b"".join(values)
         self._buffer = ctypes.create_string_buffer(joined, len(joined))
@@ -199,7 +201,11 @@ class Args:
         for value in values:
             addresses.append(at)
             at += len(value)
-        self.pointers = (ctypes.c_void_p * len(values))(*addresses)
+        self.pointers = _POINTER_ARRAYS[len(values)](*addresses)
+
+
+# ctypes array types by length: making one per call costs a microsecond.
+_POINTER_ARRAYS = [ctypes.c_void_p * n for n in range(16)]
 
 
 def pointer(t: torch.Tensor, byte_offset: int = 0) -> bytes:

@@ -30,6 +30,7 @@ from torch.nested._internal.nested_tensor import NestedTensor as Jagged
 
 from .. import params as params_
 from .. import run
+from ..recent import Recent
 from . import ragged
 from .ragged import Ragged
 
@@ -57,7 +58,7 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
     shape = values.shape
     size = (like._size[0], *shape[:r], ragged_size, *shape[r + 1:])
     stride = values.stride()
-    strides = (ragged_size * stride[r], *stride)
+    strides = (_times(ragged_size, stride[r]), *stride)
     nt = torch.Tensor._make_wrapper_subclass(
         Jagged, size, strides, 0, torch.contiguous_format, values.dtype, torch.jagged, values.device, False, False,
         "sizes", False, True, _JAGGED_KEYS, storage_size=values.untyped_storage().size())
@@ -70,6 +71,20 @@ def jagged_like(values: torch.Tensor, like, ragged_idx: int):
         if mark in marked_values:
             setattr(values, mark, {r})
     return nt
+
+
+def _times(ragged_size, step: int):
+    """ragged_size (a nested int) * step, as torch's constructor computes a
+    stride, kept for reuse: symbolic arithmetic costs some 8 microseconds."""
+    key = (id(ragged_size), step)
+    found = _products.get(key)
+    if found is None or found[0] is not ragged_size:
+        found = (ragged_size, ragged_size * step)  # holding ragged_size keeps its id its own
+        _products.put(key, found)
+    return found[1]
+
+
+_products = Recent(256)
 
 
 class _MetadataRules:
@@ -259,7 +274,7 @@ class StridedLayout:
         return None if found is False else found
 
 
-_layouts = ragged.Recent(32)  # metadata's contents -> StridedLayout
+_layouts = Recent(32)  # metadata's contents -> StridedLayout
 
 
 def strided_layout(nt, seq: int, name: str) -> StridedLayout:
@@ -474,6 +489,7 @@ def call(query, key, value, layout, attn_mask, options):
         q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
         seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
         out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
+        structure=None if attn_mask is not None else ragged.structure(q, k, v.values, requires_grad, options),
         **options)
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
 

@@ -15,13 +15,13 @@ tensors themselves, so that it goes with them.
 """
 from __future__ import annotations
 
-import collections
-import threading
 from dataclasses import dataclass
 
 import numpy
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from ..recent import Recent
 
 
 @dataclass(slots=True)
@@ -30,37 +30,6 @@ class Ragged:
     cu_seqlens: torch.Tensor        # (B + 1,) int32 on values' device
     seqused: torch.Tensor | None     # (B,) int32 lengths when a slot holds more rows than its sequence
     max_seqlen: int
-
-
-class Recent:
-    """A bounded map, least recently used out first; safe across threads.
-    Every one made is emptied by clear_caches()."""
-
-    made: list = []
-
-    def __init__(self, limit: int):
-        self.limit, self._items, self._lock = limit, collections.OrderedDict(), threading.Lock()
-        Recent.made.append(self)
-
-    def get(self, key):
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._items[key] = value
-            if len(self._items) > self.limit:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 HOST_MADE_LIMIT = 256
@@ -148,8 +117,27 @@ def memo(cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k) -> dict | None:
 _SELF = object()
 
 
+def structure(q: Ragged, k: Ragged, v: torch.Tensor, requires_grad: bool, options: dict) -> tuple | None:
+    """build_params' `structure` key of a call on packed rows q, k and v's
+    values, with `options` (build_params' keywords, always given in one
+    order); None under torch.compile, which traces the call."""
+    if torch.compiler.is_compiling():
+        return None
+    return (_rows_key(q.values), _rows_key(k.values), _rows_key(v), _lengths_key(q.cu_seqlens), _lengths_key(q.seqused),
+            _lengths_key(k.cu_seqlens), _lengths_key(k.seqused), requires_grad, *options.values())
+
+
+def _rows_key(x: torch.Tensor) -> tuple:
+    return type(x), x.dtype, x.device, x.shape[1:], x.stride()
+
+
+def _lengths_key(x: torch.Tensor | None) -> tuple | None:
+    return None if x is None else (type(x), x.dtype, x.device, x.shape, x.stride())
+
+
 def clear_caches() -> None:
-    """Drop every length tensor kept for reuse, and what was derived from them (for tests of memory use)."""
+    """Drop every length tensor kept for reuse and what was derived from
+    them, and every other Recent cache (for tests of memory use)."""
     for cache in Recent.made:
         cache.clear()
     _converted.clear()
