@@ -5,8 +5,12 @@ calls: new views for every call (made ahead, one triple per call), on CUDA.
 
 package_dir: where `varattn` is imported from (another checkout, to compare).
 Host time: time.perf_counter around the call with no synchronisation (the
-GPU runs behind it), median of the calls after the first five. Prints one
-line per call form and writes host_time.json under $OUT (or /tmp).
+GPU runs behind it), median of the calls after the first five. The forms
+are timed in turn, ROUNDS times over, since a shared machine's speed drifts
+within a run: each line gives the median and the least of the rounds'
+medians, and the median of each round's ratio to its anchor (torch SDPA on
+the same views, or varlen_attention on the same padded data). Writes
+host_time.json under $OUT (or /tmp).
 """
 import json
 import os
@@ -27,6 +31,7 @@ W5 = WORKLOADS["W5"]
 DEVICE = torch.device("cuda")
 B, H, D, LENGTHS = len(W5.lengths_q), W5.heads, W5.head_dim, list(W5.lengths_q)
 CALLS = 200
+ROUNDS = 5
 
 
 def projection(layout, grad=False):
@@ -56,42 +61,53 @@ def host_us(fn, argsets):
     return statistics.median(times) * 1e6
 
 
-def main():
-    print("varattn from", varattn.__file__, "torch", torch.__version__)
-    rows = []
-
-    def record(name, us):
-        rows.append((name, us))
-        print(f"{name:60s} {us:9.1f} us", flush=True)
-
+def cases():
+    """(name, function, argument sets' maker, anchor's name or None) of every call form timed."""
+    found = []
     for layout, name in ((torch.jagged, "jagged"), (torch.strided, "strided")):
-        x = projection(layout)
-        with torch.no_grad():
-            record(f"{name}: varattn.attention, fresh views", host_us(varattn.attention, [views(x) for _ in range(CALLS)]))
-            record(f"{name}: torch SDPA, fresh views",
-                   host_us(F.scaled_dot_product_attention, [views(x) for _ in range(CALLS)]))
+        x, grad_x = projection(layout), projection(layout, grad=True)
+        sdpa = f"{name}: torch SDPA, fresh views"
+        found.append((sdpa, F.scaled_dot_product_attention, lambda x=x: views(x), None))
+        found.append((f"{name}: varattn.attention, fresh views", varattn.attention, lambda x=x: views(x), sdpa))
         # (the forward only: torch has no backward for chunk on strided NestedTensors)
-        grad_x = projection(layout, grad=True)
-        record(f"{name}: varattn.attention with grad, forward",
-               host_us(varattn.attention, [views(grad_x) for _ in range(CALLS)]))
-
+        found.append((f"{name}: varattn.attention with grad, forward", varattn.attention,
+                      lambda x=grad_x: views(x), None))
     length = max(LENGTHS)
     q, k, v = (torch.randn(B, length, H, D, device=DEVICE, dtype=W5.dtype).transpose(1, 2) for _ in range(3))
     cu = torch.arange(B + 1, dtype=torch.int32, device=DEVICE) * length
     used = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
     rows_q, rows_k, rows_v = (x.transpose(1, 2).reshape(B * length, H, D) for x in (q, k, v))
     mask = torch.arange(length, device=DEVICE)[None] >= used[:, None]
-    with torch.no_grad():
-        record("padded: varlen_attention on the same data (seqused)", host_us(
-            lambda: varattn.varlen_attention(rows_q, rows_k, rows_v, cu, cu, length, length, seqused_q=used,
-                                             seqused_k=used), [()] * CALLS))
-        for name, lengths in (("list", LENGTHS), ("CPU tensor", torch.tensor(LENGTHS)), ("CUDA tensor", used)):
-            record(f"padded: attention(lengths=<{name}>)",
-                   host_us(lambda: varattn.attention(q, k, v, lengths=lengths), [()] * CALLS))
-        record("padded: attention(key_padding_mask=<CUDA>)",
-               host_us(lambda: varattn.attention(q, k, v, key_padding_mask=mask), [()] * CALLS))
+    varlen = "padded: varlen_attention on the same data (seqused)"
+    found.append((varlen, lambda: varattn.varlen_attention(rows_q, rows_k, rows_v, cu, cu, length, length,
+                                                           seqused_q=used, seqused_k=used), tuple, None))
+    for name, lengths in (("list", LENGTHS), ("CPU tensor", torch.tensor(LENGTHS)), ("CUDA tensor", used)):
+        found.append((f"padded: attention(lengths=<{name}>)",
+                      lambda lengths=lengths: varattn.attention(q, k, v, lengths=lengths), tuple, varlen))
+    found.append(("padded: attention(key_padding_mask=<CUDA>)",
+                  lambda: varattn.attention(q, k, v, key_padding_mask=mask), tuple, varlen))
+    return found
+
+
+def main():
+    print("varattn from", varattn.__file__, "torch", torch.__version__)
+    forms = cases()
+    rounds = {name: [] for name, *_ in forms}
+    for _ in range(ROUNDS):
+        for name, fn, make, _ in forms:
+            with torch.no_grad() if "grad" not in name else torch.enable_grad():
+                rounds[name].append(host_us(fn, [make() for _ in range(CALLS)]))
+    rows = []
+    print(f"{'call':58s} {'median':>8s} {'least':>8s}  ratio to anchor (median of rounds)")
+    for name, _, _, anchor in forms:
+        times = rounds[name]
+        ratio = statistics.median(t / a for t, a in zip(times, rounds[anchor])) if anchor else None
+        rows.append({"call": name, "median_us": statistics.median(times), "least_us": min(times),
+                     "anchor": anchor, "ratio": ratio})
+        print(f"{name:58s} {statistics.median(times):8.1f} {min(times):8.1f}  "
+              + (f"{ratio:.2f} x {anchor.split(': ', 1)[1]}" if anchor else ""), flush=True)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "host_time.json"), "w") as handle:
-        json.dump(rows, handle)
+        json.dump(rows, handle, indent=1)
 
 
 if __name__ == "__main__":

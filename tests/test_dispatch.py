@@ -190,6 +190,42 @@ def test_misaligned_rows(gen, fake_device):
                for r in explanation.reasons[Backend.EFFICIENT])
 
 
+def test_choice_per_structure_follows_alignment(gen, fake_device):
+    """A choice kept for a call's structure serves only calls whose tensors
+    sit as aligned: a shifted q of the same structure is asked again."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.float32)
+    shifted = torch.empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
+    structure = ("test_choice_per_structure_follows_alignment", object())
+    for x, chosen in ((q, efficient), (shifted, REGISTRY[Backend.MATH]), (q, efficient)):
+        params = build_params(x, k, v, cu_q, cu_k, 5, 5, structure=structure)
+        assert params.structure == structure
+        assert dispatch.select(OnCuda(params)) is chosen
+
+
+def test_checked_structure_still_checks_what_it_does_not_cover(gen):
+    """A structure checked once skips the checks it covers, not those of the
+    values it leaves out: max_seqlen, and lengths' contents on the CPU."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 16)
+    tensors = object()
+
+    def call(max_q=5, max_k=5, **options):
+        options = dict(dict(causal=True, window=(2, 0)), **options)
+        structure = ("test_checked_structure", tensors, *options.values())  # as the front ends key calls
+        return build_params(q, k, v, cu_q, cu_k, max_q, max_k, structure=structure, **options)
+
+    params, again = call(), call()
+    assert again.structure == params.structure is not None
+    for field in dataclasses.fields(params):
+        mine, theirs = getattr(again, field.name), getattr(params, field.name)
+        assert mine is theirs if isinstance(mine, torch.Tensor) else mine == theirs, field.name
+    with pytest.raises(ValueError, match="max_seqlen_q must be a non-negative int"):
+        call(max_q=-1)
+    with pytest.raises(ValueError, match="max_seqlen_k is 3 but a k sequence has 5 rows"):
+        call(max_k=3)
+    with pytest.raises(ValueError, match="window must be a pair"):  # an unhashable option: checked in full
+        call(window=[2])
+
+
 def test_fp32_follows_torch_tf32_setting():
     with allow_tf32(False):
         assert efficient.passes(torch.float32) == 3

@@ -8,8 +8,9 @@ _metadata_cache, _get_max_seqlen), its constructor's work (jagged_like makes
 the same tensor), autograd.Function over jagged NestedTensors, the strided
 layout's metadata (_nested_tensor_size / _strides / _storage_offsets,
 _nested_view_from_buffer, empty_like keeping a layout) and
-torch._C.DisableTorchFunctionSubclass; in frontends/ragged.py and the CUDA
-backends, torch._C._cuda_getCurrentRawStream.
+torch._C.DisableTorchFunctionSubclass, and the registry of __torch_dispatch__
+rules (torch._library.simple_registry) that metadata_rules go through; in
+frontends/ragged.py and the CUDA backends, torch._C._cuda_getCurrentRawStream.
 """
 from __future__ import annotations
 
@@ -101,6 +102,43 @@ def test_autograd_function_over_jagged_nested_tensors(gen):
     assert isinstance(out, NestedTensor) and out.requires_grad
     out.transpose(1, 2).values().sum().backward()
     assert torch.equal(x.grad.values(), torch.full_like(x.values(), 2.0))
+
+
+def test_metadata_rules_answer_as_torch(gen):
+    """Inside metadata_rules, the sizes, strides, dim and layout of a jagged
+    NestedTensor (what autograd asks of a Function's NestedTensors) come
+    from the rules, through torch's registry of __torch_dispatch__ rules,
+    and equal torch's own answers; outside, torch's __torch_dispatch__
+    answers, as it does when no rule is registered."""
+    from torch._library import simple_registry
+    nt, _ = jagged_batch(gen, [3, 0, 5, 1], 2)
+    ops = (torch.ops.aten.sym_size.default, torch.ops.aten.sym_stride.default, torch.ops.aten.dim.default,
+           torch.ops.prim.layout.default)
+    outside = [op(nt) for op in ops]
+    asked = []
+    original = NestedTensor.__dict__["__torch_dispatch__"]
+
+    def spy(cls, func, types, args=(), kwargs=None):
+        asked.append(func)
+        return original.__func__(cls, func, types, args, kwargs)
+
+    with nested.metadata_rules:
+        NestedTensor.__torch_dispatch__ = classmethod(spy)
+        try:
+            inside = [op(nt) for op in ops]
+        finally:
+            NestedTensor.__torch_dispatch__ = original
+    assert not asked  # answered by the rules
+    assert inside == outside and inside[:3] == [list(nt._size), list(nt._strides), 4]
+    assert tuple(nt.shape) == nt._size and nt.stride() == nt._strides and nt.layout == torch.jagged
+    for op in ops:
+        assert simple_registry.singleton.find(op.__qualname__).torch_dispatch_rules.find(NestedTensor) is not None
+    NestedTensor.__torch_dispatch__ = classmethod(spy)
+    try:
+        assert [op(nt) for op in ops] == outside
+    finally:
+        NestedTensor.__torch_dispatch__ = original
+    assert asked == list(ops)  # outside varattn's calls, torch's own dispatch answers
 
 
 def test_strided_metadata_and_views(gen):

@@ -159,7 +159,8 @@ def build_params(
             checks.non_negative_int(max_seqlen_k, "max_seqlen_k")
             params = AttentionParams(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known,
-                out=out, requires_grad=requires_grad, memo=memo, structure=structure,
+                out=out, requires_grad=needs_grad(q, k, v) if requires_grad is None else requires_grad, memo=memo,
+                structure=structure,
                 deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
             if q.device.type == "cpu" or checks.device_checks_enabled():
                 _check_lengths(params)

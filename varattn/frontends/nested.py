@@ -87,18 +87,19 @@ def _times(ragged_size, step: int):
 _products = Recent(256)
 
 
-class _MetadataRules:
-    """While entered (by any thread), the metadata autograd reads of each
+class _MetadataRules(threading.local):
+    """While a thread is inside it, the metadata autograd reads of each
     jagged NestedTensor an autograd.Function takes or returns (its sizes,
     strides, dim and layout) are answered straight from its fields.
 
     torch before 2.12 answers them through the subclass's generic op table,
     which checks a schema per query: some 15 to 25 microseconds each, and a
-    call with gradients makes about ten. These rules, registered through
-    torch's open registration of __torch_dispatch__ rules and only for the
-    span of varattn's own calls, return what torch's kernels return (newer
-    torch answers them the same way, ahead of its table); a rule someone
-    else registered for these ops is left in place.
+    call with gradients makes about ten. The rules, registered once through
+    torch's open registration of __torch_dispatch__ rules, return what
+    torch's kernels return (newer torch answers them the same way, ahead of
+    its table), and outside varattn's calls hand every query to torch's
+    own __torch_dispatch__. A rule someone else registered for these ops is
+    left in place.
     """
 
     _OPS = {
@@ -107,33 +108,35 @@ class _MetadataRules:
         torch.ops.aten.dim.default: lambda nt: len(nt._size),
         torch.ops.prim.layout.default: lambda nt: torch.jagged,
     }
-
-    def __init__(self):
-        self._lock, self._entered, self._handles = threading.Lock(), 0, []
+    _registered = False
+    _registering = threading.Lock()
+    depth = 0  # per thread: how many varattn calls it is inside
 
     def __enter__(self):
-        with self._lock:
-            self._entered += 1
-            if self._entered == 1:
-                for op, answer in self._OPS.items():
-                    rules = simple_registry.singleton.find(op.__qualname__).torch_dispatch_rules
-                    if rules.find(Jagged) is None:
-                        self._handles.append(rules.register(Jagged, self._rule(answer)))
+        if not _MetadataRules._registered:
+            self._register()
+        self.depth += 1
 
     def __exit__(self, *exc):
-        with self._lock:
-            self._entered -= 1
-            if self._entered == 0:
-                for handle in self._handles:
-                    handle.destroy()
-                self._handles.clear()
+        self.depth -= 1
+
+    @classmethod
+    def _register(cls):
+        with cls._registering:
+            if cls._registered:
+                return
+            for op, answer in cls._OPS.items():
+                rules = simple_registry.singleton.find(op.__qualname__).torch_dispatch_rules
+                if rules.find(Jagged) is None:
+                    rules.register(Jagged, cls._rule(answer))
+            cls._registered = True
 
     @staticmethod
     def _rule(answer):
         def rule(cls, func, types, args, kwargs):
-            if len(args) == 1 and not kwargs and type(args[0]) is Jagged:
+            if metadata_rules.depth and len(args) == 1 and not kwargs and type(args[0]) is Jagged:
                 return answer(args[0])
-            return Jagged.__torch_dispatch__(func, types, args, kwargs)
+            return cls.__torch_dispatch__(func, types, args, kwargs)
         return rule
 
 
@@ -470,15 +473,16 @@ def call(query, key, value, layout, attn_mask, options):
     if q_rank != 4:
         raise ValueError(f"query must be a 4-D NestedTensor (B, H, j, D), got {q_rank} dims")
     requires_grad = params_.needs_grad(query, key, value, attn_mask)
-    sides = [side(x, dim, name, requires_grad) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
-    if len({isinstance(s, JaggedSide) for s in sides}) != 1:
+    jagged = isinstance(query, Jagged)
+    if isinstance(key, Jagged) is not jagged or isinstance(value, Jagged) is not jagged:
         raise TypeError("query, key and value must all be jagged or all be strided NestedTensors")
+    sides = [side(x, dim, name, requires_grad) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
     if not sides[1].same_rows(sides[2]):
         raise ValueError("key and value must have the same sequence lengths and layout")
     # Differentiable sides are converted by torch ops that autograd records; the
     # others are read without it, and run.py's Function takes the NestedTensors.
     differentiable = sides[0].differentiable
-    with contextlib.nullcontext() if differentiable else torch.no_grad():
+    with torch.no_grad() if requires_grad and not differentiable else contextlib.nullcontext():
         q = sides[0].rows()
         k = sides[1].rows(q if sides[0].same_sequences(sides[1]) else None)
         v = sides[2].rows(k)

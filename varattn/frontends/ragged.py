@@ -80,9 +80,9 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
     and is not changed in place."""
     if x.dtype == torch.int32:
         return x
-    if x.device.type == "cpu":
+    if not x.is_cuda:
         return x.to(torch.int32)
-    stream = stream_of(x.device)
+    stream = torch._C._cuda_getCurrentRawStream(x.get_device())
     found = _converted.get(x)
     if found is not None and found[0] == x._version and found[1] == stream:
         return found[2]
@@ -101,8 +101,15 @@ def memo(cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k) -> dict | None:
     if torch.compiler.is_compiling():
         return None
     entries = getattr(cu_seqlens_q, "_varattn_memos", None)
+    if entries is None:
+        return None
+    if cu_seqlens_k is cu_seqlens_q and seqused_q is None and seqused_k is None:  # the common case, keyed cheaply
+        found = entries.get(_SELF)
+        if found is None:
+            found = entries[_SELF] = {}
+        return found
     others = (seqused_q, cu_seqlens_k, seqused_k)
-    if entries is None or any(t is not None and not hasattr(t, "_varattn_memos") for t in others):
+    if any(t is not None and not hasattr(t, "_varattn_memos") for t in others):
         return None
     # The other three, held by the entry (so their ids stay theirs while it
     # lives), except where one is cu_seqlens_q itself, which would hold itself.
@@ -123,16 +130,23 @@ def structure(q: Ragged, k: Ragged, v: torch.Tensor, requires_grad: bool, option
     order); None under torch.compile, which traces the call."""
     if torch.compiler.is_compiling():
         return None
-    return (_rows_key(q.values), _rows_key(k.values), _rows_key(v), _lengths_key(q.cu_seqlens), _lengths_key(q.seqused),
-            _lengths_key(k.cu_seqlens), _lengths_key(k.seqused), requires_grad, *options.values())
+    lengths_q = (_lengths_key(q.cu_seqlens), _lengths_key(q.seqused))
+    shared = k.cu_seqlens is q.cu_seqlens and k.seqused is q.seqused
+    lengths_k = None if shared else (_lengths_key(k.cu_seqlens), _lengths_key(k.seqused))
+    return (_rows_key(q.values), _rows_key(k.values), _rows_key(v), lengths_q, lengths_k, requires_grad,
+            *options.values())
 
 
 def _rows_key(x: torch.Tensor) -> tuple:
     return type(x), x.dtype, x.device, x.shape[1:], x.stride()
 
 
-def _lengths_key(x: torch.Tensor | None) -> tuple | None:
-    return None if x is None else (type(x), x.dtype, x.device, x.shape, x.stride())
+def _lengths_key(x: torch.Tensor | None):
+    if x is None:
+        return None
+    if hasattr(x, "_varattn_memos"):  # made here: int32, contiguous, on a GPU
+        return x.shape[0], x.get_device()
+    return type(x), x.dtype, x.device, x.shape, x.stride()
 
 
 def clear_caches() -> None:
