@@ -2,7 +2,9 @@
 each against the float64 reference per sequence, on the CPU and (marked gpu) on CUDA."""
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -161,6 +163,31 @@ def test_padded_flash_ignores_what_padding_holds(gen, layout, head_dim, causal):
     for b, n in enumerate(lengths):
         assert reference.relative_error(out[b, :n], expected[b]) <= TOLERANCE[torch.bfloat16]
         assert torch.equal(out[b, n:], torch.zeros_like(out[b, n:]))
+
+
+@pytest.mark.gpu
+def test_padding_mask_changed_in_place_is_read_again(gen):
+    """A CUDA key_padding_mask's lengths are kept with the mask object; the
+    mask changed in place (a new version) gives its new lengths, and a
+    mask garbage-collected takes them along."""
+    batch, length = 3, 9
+    q, k, v = (reference.randn(gen, batch, length, HEADS, HEAD_DIM, dtype=torch.float16, device="cuda")
+               for _ in range(3))
+    positions = torch.arange(length, device="cuda")[None, :]
+    mask = positions >= torch.tensor([9, 4, 1], device="cuda")[:, None]
+    for lengths in ([9, 4, 1], [2, 9, 0], [2, 9, 0]):
+        mask.copy_(positions >= torch.tensor(lengths, device="cuda")[:, None])
+        out = varattn.attention(q, k, v, layout="blhd", key_padding_mask=mask)
+        expected, _ = per_sequence_reference([q[b, :n] for b, n in enumerate(lengths)],
+                                             [k[b, :n] for b, n in enumerate(lengths)],
+                                             [v[b, :n] for b, n in enumerate(lengths)])
+        for b, n in enumerate(lengths):
+            assert n == 0 or reference.relative_error(out[b, :n], expected[b]) <= TOLERANCE[torch.float16]
+            assert torch.equal(out[b, n:], torch.zeros_like(out[b, n:]))
+    kept = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert kept() is None
 
 
 def test_padded_separate_kv_lengths_and_mask(gen):

@@ -10,7 +10,8 @@ length come back as zeros.
 Lengths given on the host (a list, a CPU tensor) are checked there and
 copied to the device without a sync; a CUDA tensor of lengths is used as it
 is, unread (its contents are checked only with varattn.set_device_checks),
-and so is a CUDA key_padding_mask.
+and so is a CUDA key_padding_mask, whose lengths are counted on the device
+once per mask object (frontends/ragged.py).
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def lengths_from_padding_mask(mask, batch: int, length: int, device):
             raise ValueError("key_padding_mask must pad at the end of each sequence (True after the "
                              "tokens, as nn.MultiheadAttention); pass attn_mask for other patterns")
         return lengths_arg((length - mask.sum(1)).cpu(), batch, length, device, "key_padding_mask")
-    return length - mask.sum(1, dtype=torch.int32), None
+    if torch.compiler.is_compiling():
+        return length - mask.sum(1, dtype=torch.int32), None
+    return ragged.lengths_of_padding_mask(mask), None
 
 
 class PaddedForm:

@@ -6,8 +6,9 @@ list) are copied from pinned memory without a sync, and jagged offsets (int64)
 are converted to the kernels' int32: some 10 to 15 microseconds each. A model
 hands the same lengths to every layer of a step, so both are kept for reuse:
 the host-made ones by their contents in a bounded cache, the converted
-offsets by the caller's offsets tensor, weakly, for as long as it lives and
-is not changed in place. Each is made on a stream and reused only there, and
+offsets by the caller's offsets tensor (and the lengths of a CUDA
+key_padding_mask by the mask), weakly, for as long as it lives and is not
+changed in place. Each is made on a stream and reused only there, and
 none is kept when made during CUDA graph capture (it holds its values only
 once the graph replays). varattn never writes them: `memo()` gives the
 backends a place to keep what they derive from them (tile plans), on the
@@ -35,6 +36,7 @@ class Ragged:
 HOST_MADE_LIMIT = 256
 _host_made = Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
 _converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stream, int32 copy)
+_mask_lengths = WeakIdKeyDictionary()  # a caller's CUDA key_padding_mask -> (version, stream, lengths)
 # The tensors made here carry `_varattn_memos`: {the call's other lengths: memo
 # dict} (cheaper to reach than a weak dictionary, and theirs alone).
 
@@ -82,13 +84,26 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
         return x
     if not x.is_cuda:
         return x.to(torch.int32)
+    return _kept(x, _converted, lambda offsets: offsets.to(torch.int32))
+
+
+def lengths_of_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The lengths (B,) int32 of a CUDA key_padding_mask (B, L), True at the
+    padding after each sequence's tokens, kept while `mask` lives and is not
+    changed in place: a model hands one mask to every layer of a step."""
+    return _kept(mask, _mask_lengths, lambda m: m.shape[1] - m.sum(1, dtype=torch.int32))
+
+
+def _kept(x: torch.Tensor, cache: WeakIdKeyDictionary, make) -> torch.Tensor:
+    """make(x), a tensor on x's GPU, kept in `cache` (weakly keyed by x) for
+    as long as x lives and keeps its version, and reused on the same stream."""
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
-    found = _converted.get(x)
+    found = cache.get(x)
     if found is not None and found[0] == x._version and found[1] == stream:
         return found[2]
-    made = x.to(torch.int32)
+    made = make(x)
     if not torch.cuda.is_current_stream_capturing():
-        _converted[x] = (x._version, stream, made)
+        cache[x] = (x._version, stream, made)
         made._varattn_memos = {}
     return made
 
@@ -155,3 +170,4 @@ def clear_caches() -> None:
     for cache in Recent.made:
         cache.clear()
     _converted.clear()
+    _mask_lengths.clear()
