@@ -113,18 +113,18 @@ class AttentionParams:
 
     def new_out(self) -> torch.Tensor:
         """Output buffer (`out` when given); zeroed where some rows (padding, holes) belong to no sequence."""
-        shape = (self.total_q, self.num_heads, self.head_dim_v)
+        q = self.q
+        shape = (q.shape[0], q.shape[1], self.v.shape[2])
         if self.out is not None:
             return self.out.zero_() if self.seqused_q is not None else self.out
-        if self.seqused_q is not None:
-            return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return torch.empty(shape, dtype=self.dtype, device=self.device)
+        return q.new_zeros(shape) if self.seqused_q is not None else q.new_empty(shape)
 
     def new_lse(self) -> torch.Tensor:
-        shape = (self.num_heads, self.total_q)
+        q = self.q
+        shape, dtype = (q.shape[1], q.shape[0]), self.lse_dtype
         if self.seqused_q is not None:
-            return torch.full(shape, -math.inf, dtype=self.lse_dtype, device=self.device)
-        return torch.empty(shape, dtype=self.lse_dtype, device=self.device)
+            return q.new_full(shape, -math.inf, dtype=dtype)
+        return q.new_empty(shape, dtype=dtype)
 
 
 def build_params(
