@@ -202,6 +202,21 @@ def test_choice_per_structure_follows_alignment(gen, fake_device):
         assert dispatch.select(OnCuda(params)) is chosen
 
 
+def test_choice_per_structure_follows_torch_deterministic_setting(gen, fake_device):
+    """torch.use_deterministic_algorithms, which no structure covers, turns
+    a kept choice for a call with gradients from efficient to math."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.float32)
+    structure = ("test_choice_per_structure_follows_torch_deterministic_setting", object())
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic, chosen in ((False, efficient), (True, REGISTRY[Backend.MATH]), (False, efficient)):
+            torch.use_deterministic_algorithms(deterministic)
+            params = build_params(q.requires_grad_(), k, v, cu_q, cu_k, 5, 5, structure=structure)
+            assert dispatch.select(OnCuda(params)) is chosen
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_checked_structure_still_checks_what_it_does_not_cover(gen):
     """A structure checked once skips the checks it covers, not those of the
     values it leaves out: max_seqlen, and lengths' contents on the CPU."""

@@ -20,9 +20,10 @@ _allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
 
 
 # A backend's reasons() read the call's structure (params.structure: what
-# build_params says it covers) and its tensors' addresses only to see that
-# they are 16-byte aligned; so one choice serves every call of a structure
-# with the same address residues, and the same allowed backends.
+# build_params says it covers), params.deterministic (which torch's global
+# setting can turn on) and its tensors' addresses only to see that they are
+# 16-byte aligned; so one choice serves every call of a structure with the
+# same address residues, deterministic mode and allowed backends.
 _chosen = Recent(1024)
 
 
@@ -100,7 +101,8 @@ def select(params, allowed=None):
     allowed = _allowed.get() if allowed is None else allowed
     key = None
     if params.structure is not None:
-        key = (params.structure, allowed, params.q.data_ptr() % 16, params.k.data_ptr() % 16, params.v.data_ptr() % 16)
+        key = (params.structure, allowed, params.deterministic, params.q.data_ptr() % 16, params.k.data_ptr() % 16,
+               params.v.data_ptr() % 16)
         found = _chosen.get(key)
         if found is not None:
             return found
