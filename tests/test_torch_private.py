@@ -10,7 +10,8 @@ layout's metadata (_nested_tensor_size / _strides / _storage_offsets,
 _nested_view_from_buffer, empty_like keeping a layout) and
 torch._C.DisableTorchFunctionSubclass, and the registry of __torch_dispatch__
 rules (torch._library.simple_registry) that metadata_rules go through; in
-frontends/ragged.py and the CUDA backends, torch._C._cuda_getCurrentRawStream.
+frontends/ragged.py and the CUDA backends, torch._C._cuda_getCurrentRawStream;
+in dispatch.py, the attribute torch.compiler.assume_constant_result sets.
 """
 from __future__ import annotations
 
@@ -178,3 +179,17 @@ def test_current_raw_stream_is_torch_current_stream():
     with torch.cuda.stream(stream):
         assert torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()) == stream.cuda_stream
     assert torch._C._cuda_getCurrentRawStream(torch.cuda.current_device()) == torch.cuda.current_stream().cuda_stream
+
+
+def test_assume_constant_result_is_the_marker_dispatch_sets():
+    """varattn.dispatch marks allowed_names constant for torch.compile by
+    setting the attribute torch.compiler.assume_constant_result sets (the
+    decorator itself imports torch._dynamo): the two must stay the same."""
+    from varattn import dispatch
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert dispatch.allowed_names._dynamo_marked_constant is True

@@ -36,10 +36,15 @@ def allowed() -> frozenset:
     return _allowed.get()
 
 
-@torch.compiler.assume_constant_result
 def allowed_names() -> list[str]:
     """The names of `allowed()`, sorted; torch.compile takes them as a constant of the traced call."""
     return sorted(b.value for b in _allowed.get())
+
+
+# What torch.compiler.assume_constant_result sets, set directly: the decorator
+# imports torch._dynamo, two seconds that an eager user would pay at import
+# (tests/test_torch_private.py checks the attribute is still the one it sets).
+allowed_names._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager

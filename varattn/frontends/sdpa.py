@@ -1,7 +1,7 @@
 """`varattn.scaled_dot_product_attention`: torch's SDPA signature and semantics, on varattn."""
 from __future__ import annotations
 
-from torch.nn.attention.bias import CausalBias, CausalVariant
+import sys
 
 from . import batched, nested
 
@@ -20,11 +20,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     CUDA, say) raise NotImplementedError naming the reasons.
     """
     causal, align = bool(is_causal), "upper_left"
-    if isinstance(attn_mask, CausalBias):
+    if _is_causal_bias(attn_mask):
         if is_causal:
             raise ValueError("pass is_causal=True or a CausalBias attn_mask, not both")
         causal = True
-        align = "upper_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "lower_right"
+        align = "upper_left" if attn_mask.variant.name == "UPPER_LEFT" else "lower_right"
         attn_mask = None
     elif attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True are mutually exclusive (as in torch)")
@@ -49,6 +49,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn_mask = as_4d(attn_mask.expand(*batch_shape, heads, length_q, key.shape[-2]))
     out = batched.attention(as_4d(query), as_4d(key), as_4d(value), layout="bhld", attn_mask=attn_mask, **options)
     return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _is_causal_bias(attn_mask) -> bool:
+    """Whether attn_mask is a torch.nn.attention.bias.CausalBias. That module
+    imports torch._dynamo (seconds), so varattn does not import it: a caller
+    holding a CausalBias has imported it already."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(attn_mask, bias.CausalBias)
 
 
 def _check_heads(query, key, value, enable_gqa):
