@@ -101,6 +101,20 @@ def test_jagged_with_holes(gen, device):
         assert reference.relative_error(got.transpose(0, 1), want) <= TOLERANCE[got.dtype]
 
 
+@pytest.mark.parametrize("stale", ["query", "key"])
+def test_stale_max_seqlen_of_a_nested_tensor_is_named(gen, stale):
+    """A max_seqlen torch keeps on a jagged NestedTensor, and smaller than its
+    longest sequence: the error says it came from that NestedTensor, since the
+    caller passed no max_seqlen."""
+    def batch(max_seqlen):
+        values = reference.randn(gen, 9, HEADS, HEAD_DIM)
+        return torch.nested.nested_tensor_from_jagged(values, torch.tensor([0, 3, 9]), max_seqlen=max_seqlen)
+    q, kv = (batch(2), batch(6)) if stale == "query" else (batch(6), batch(2))
+    which = "q" if stale == "query" else "k"
+    with pytest.raises(ValueError, match=f"max_seqlen_{which} is 2 .* kept on {stale}'s jagged NestedTensor"):
+        varattn.attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2))
+
+
 @pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
 def test_nested_round_trip(gen, layout):
     nt, parts = nested_batch(gen, [3, 0, 8, 1], "cpu", layout)

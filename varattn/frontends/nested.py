@@ -489,13 +489,29 @@ def call(query, key, value, layout, attn_mask, options):
     out = None
     if isinstance(sides[0], StridedSide):
         out = sides[0].new_nested((q.values.shape[1], v.values.shape[-1]), q.values.dtype, q.values.device)
-    params = params_.build_params(
-        q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
-        seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
-        out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
-        structure=None if attn_mask is not None else ragged.structure(q, k, v.values, requires_grad, options),
-        **options)
+    try:
+        params = params_.build_params(
+            q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
+            seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
+            out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
+            structure=None if attn_mask is not None else ragged.structure(q, k, v.values, requires_grad, options),
+            **options)
+    except ValueError as error:
+        raise _named_max_seqlen(error) from None
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
+
+
+def _named_max_seqlen(error: ValueError) -> ValueError:
+    """`error`, saying where a wrong max_seqlen came from when it is one: the
+    caller passed none, it is what torch keeps on a jagged NestedTensor
+    (strided ones have theirs counted from their sizes)."""
+    for which, name in (("q", "query"), ("k", "key")):
+        if str(error).startswith(f"max_seqlen_{which} is "):
+            return ValueError(
+                f"{error}: max_seqlen_{which} is the max_seqlen kept on {name}'s jagged NestedTensor "
+                f"(given to nested_tensor_from_jagged or carried over by the op that made it), and it "
+                f"is smaller than its longest sequence; make {name} with the right max_seqlen, or none")
+    return error
 
 
 def attend(params, form: NestedForm, inputs):
