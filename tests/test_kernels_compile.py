@@ -45,7 +45,7 @@ def covering_set(name_expressions) -> list[str]:
 
 
 def _compile_chunk(family: str, name_expressions: list[str], arch: str) -> int:
-    return len(loader.compile_for_arch(loader.source(family), name_expressions, arch))
+    return len(loader.compile_for_arch(loader.source(family), name_expressions, arch).image)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,19 @@ def test_host_mirrors_match_the_kernel_structs(mirror):
 def test_compile_error_carries_the_log():
     with pytest.raises(varattn.KernelCompileError, match="error"):
         loader.compile_for_arch("this is not CUDA", [], "sm_80")
+
+
+def test_cache_keeps_each_instance_per_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("VARATTN_CACHE_DIR", str(tmp_path))
+    instance = loader.FAMILIES["math"][0]
+    image, lowered = loader.cached_cubin("math", instance, "sm_80")
+    assert len(list(tmp_path.iterdir())) == 1
+    assert len(image) > 1000 and lowered.startswith("_Z")
+
+    def no_compiler(*args):
+        raise AssertionError("compiled again")
+    with monkeypatch.context() as patched:
+        patched.setattr(loader, "compile_for_arch", no_compiler)
+        assert loader.cached_cubin("math", instance, "sm_80") == (image, lowered)
+        with pytest.raises(AssertionError, match="compiled again"):
+            loader.cached_cubin("math", instance, "sm_90a")

@@ -1,18 +1,22 @@
 """Compile the CUDA kernels of kernels_cu/ and launch them: the only module that touches CuPy.
 
 Each kernel family is one `.cu` file; its template instances are compiled on
-first use, one `cupy.RawModule` per instance and device, by NVRTC for that
-device's architecture (`sm_90a` on Hopper, so its own instructions are
-available). CuPy's on-disk cache (~/.cupy/kernel_cache) makes a second
-process start fast; the local `#include "x.cuh"` lines are inlined first so
-that the cache key covers the headers too. Launches go through the driver to
-`torch.cuda.current_stream()` of the tensors' device.
+first use, one module per instance and device, by NVRTC for that device's
+architecture (`sm_90a` on Hopper, so its own instructions are available).
+The cubins are kept on disk (`cache_dir()`), keyed by the source with its
+local `#include "x.cuh"` lines inlined, the instance, the architecture, the
+options and NVRTC's version, so a second process starts fast and
+`python -m varattn precompile` can fill the cache on a machine without a GPU.
+Launches go through the driver to `torch.cuda.current_stream()` of the
+tensors' device.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
+import os
 import re
 import struct
 import threading
@@ -117,14 +121,19 @@ def shared_memory_per_block(index: int | None) -> int:
 
 
 def compile_options(arch: str) -> tuple[str, ...]:
-    return ("-std=c++17", f"-arch={arch}")
+    # -ftz=true: denormals flushed to zero, as CuPy compiles (the kernels were tuned so)
+    return ("-std=c++17", f"-arch={arch}", "-ftz=true")
 
 
-def compile_for_arch(code: str, name_expressions, arch: str) -> bytes:
-    """NVRTC without a device (it needs none when the architecture is given): the cubin.
+@dataclass(frozen=True)
+class Cubin:
+    """What NVRTC made of a program: the image, and the mangled name of each name expression."""
+    image: bytes
+    lowered: dict
 
-    Used by tests and tools to check that kernels build for an architecture.
-    """
+
+def compile_for_arch(code: str, name_expressions, arch: str) -> Cubin:
+    """NVRTC without a device (it needs none when the architecture is given)."""
     _cupy()
     from cupy_backends.cuda.libs import nvrtc
     program = nvrtc.createProgram(code, "varattn.cu", [], [])
@@ -136,9 +145,43 @@ def compile_for_arch(code: str, name_expressions, arch: str) -> bytes:
         except nvrtc.NVRTCError as error:
             raise KernelCompileError(
                 f"NVRTC failed for {arch}: {error}\n{nvrtc.getProgramLog(program)}") from None
-        return nvrtc.getCUBIN(program)
+        return Cubin(nvrtc.getCUBIN(program), {e: nvrtc.getLoweredName(program, e) for e in name_expressions})
     finally:
         nvrtc.destroyProgram(program)
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $VARATTN_CACHE_DIR, else varattn/kernels
+    under $XDG_CACHE_HOME (by default ~/.cache)."""
+    if os.environ.get("VARATTN_CACHE_DIR"):
+        return Path(os.environ["VARATTN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "varattn" / "kernels"
+
+
+def cached_cubin(family: str, name_expression: str, arch: str) -> tuple[bytes, str]:
+    """(cubin, mangled name) of one instance of kernels_cu/<family>.cu for
+    `arch`: read from cache_dir(), or compiled and written there (the file
+    replaced whole, so processes filling the cache at once never see a part)."""
+    _cupy()
+    from cupy_backends.cuda.libs import nvrtc
+    code = source(family)
+    key = "\0".join((code, name_expression, arch, *compile_options(arch), repr(nvrtc.getVersion())))
+    path = cache_dir() / (hashlib.sha256(key.encode()).hexdigest() + ".cubin")
+    try:
+        lowered, image = path.read_bytes().split(b"\n", 1)
+        return image, lowered.decode()
+    except FileNotFoundError:
+        pass
+    compiled = compile_for_arch(code, [name_expression], arch)
+    lowered = compiled.lowered[name_expression]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        partial.write_bytes(lowered.encode() + b"\n" + compiled.image)
+        os.replace(partial, path)
+    except OSError as error:  # a read-only home, say: the kernel still runs, compiled in each process
+        log.warning("varattn: cannot keep compiled kernels in %s: %s", path.parent, error)
+    return compiled.image, lowered
 
 
 @dataclass(frozen=True)
@@ -147,7 +190,7 @@ class Kernel:
     name: str
     function: int       # CUfunction
     device_index: int
-    module: object = field(default=None, repr=False, compare=False)  # the cupy.RawModule holding `function`
+    module: object = field(default=None, repr=False, compare=False)  # CuPy's Module and Function that own it
 
 
 def kernel(family: str, name_expression: str, device: torch.device, dynamic_shared_mem: int = 0) -> Kernel:
@@ -171,18 +214,18 @@ def _compile(family: str, name_expression: str, device: torch.device, dynamic_sh
     cupy = _cupy()
     arch = arch_of(device)
     started = time.perf_counter()
+    try:
+        image, lowered = cached_cubin(family, name_expression, arch)
+    except KernelCompileError as error:
+        raise KernelCompileError(f"compiling {name_expression} from kernels_cu/{family}.cu failed: {error}") from None
     with cupy.cuda.Device(device.index):
-        module = cupy.RawModule(code=source(family), options=compile_options(arch),
-                                name_expressions=[name_expression])
-        try:
-            raw = module.get_function(name_expression)
-            if dynamic_shared_mem > 48 * 1024:
-                raw.max_dynamic_shared_size_bytes = dynamic_shared_mem
-            found = Kernel(name_expression, raw.kernel.ptr, device.index, module)
-        except cupy.cuda.compiler.CompileException as error:
-            raise KernelCompileError(
-                f"compiling {name_expression} from kernels_cu/{family}.cu for {arch} failed:\n"
-                f"{error.get_message()}") from None
+        module = cupy.cuda.function.Module()
+        module.load(image)
+        function = module.get_function(lowered)
+        if dynamic_shared_mem > 48 * 1024:
+            cupy.cuda.driver.funcSetAttribute(
+                function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic_shared_mem)
+    found = Kernel(name_expression, function.ptr, device.index, (module, function))
     log.info("varattn: %s (kernels_cu/%s.cu) ready for %s in %.2f s",
              name_expression, family, arch, time.perf_counter() - started)
     return found
