@@ -9,6 +9,7 @@ output gradient, the leaves' gradients cleared before each step as an
 optimizer's zero_grad does) and count the backward as 2.5x the forward's FLOPs."""
 from __future__ import annotations
 
+import inspect
 import time
 
 import pytest
@@ -19,9 +20,9 @@ import varattn
 from workloads import SMOKE, WORKLOADS, Inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-nested", "torch-padded", "flex"]
+COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-varlen", "torch-nested", "torch-padded", "flex"]
 # Forward + backward: the math backend and padded torch SDPA would take seconds per call there.
-TRAINING_COMPARATORS = ["varattn-flash", "torch-nested", "flex"]
+TRAINING_COMPARATORS = ["varattn-flash", "torch-varlen", "torch-nested", "flex"]
 # Masked workloads (Workload.mask), forward and forward + backward: varattn as dispatch
 # chooses, against torch SDPA on the padded batch with the same mask.
 MASKED_COMPARATORS = {"key_padding": ["varattn", "torch-padded"], "blocks": ["varattn", "torch-efficient"]}
@@ -93,6 +94,29 @@ def _torch_padded(q, k, v, mask, backend=None):
     return run
 
 
+def _torch_varlen(inputs, leaves=None):
+    """torch's varlen_attn (FlashAttention-2 inside torch) on the packed rows, the
+    anchor every torch user has. `leaves`: q, k, v to call it on, default the inputs'."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    w = inputs.workload
+    if inputs.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("varlen_attn runs on CUDA in fp16 and bf16 only")
+    causal = {}
+    if w.causal:
+        if w.lengths_q != w.lengths_k:
+            pytest.skip("varlen_attn aligns its causal mask lower-right, varattn here upper-left: "
+                        "they differ where Lq != Lk")
+        # torch 2.10 takes is_causal; later versions a window, (-1, 0) meaning causal
+        causal = (dict(window_size=(-1, 0)) if "window_size" in inspect.signature(varlen_attn).parameters
+                  else dict(is_causal=True))
+    q, k, v = leaves or (inputs.q, inputs.k, inputs.v)
+    args = (q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
+    return lambda: varlen_attn(*args, **causal)
+
+
 def comparator(inputs, name):
     """The callable timed for comparator `name` on these inputs (or pytest.skip)."""
     w = inputs.workload
@@ -103,6 +127,8 @@ def comparator(inputs, name):
         return _torch_padded(*inputs.padded(), SDPBackend.EFFICIENT_ATTENTION)
     if name.startswith("varattn-"):
         return _varattn(inputs, varattn.Backend(name[len("varattn-"):]))
+    if name == "torch-varlen":
+        return _torch_varlen(inputs)
     if name == "torch-nested":
         q, k, v = inputs.nested(torch.strided if w.name == "W5" else torch.jagged)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
@@ -154,6 +180,9 @@ def training_comparator(inputs, name):
         if chosen != varattn.Backend.FLASH:
             pytest.skip(f"flash cannot train on {w.name}")
         return _step((q, k, v), lambda: varattn.varlen_attention(*args, causal=w.causal), grad_out)
+    if name == "torch-varlen":
+        leaves = _with_grad((inputs.q, inputs.k, inputs.v))
+        return _step(leaves, _torch_varlen(inputs, leaves), grad_out)
     if name == "torch-nested":
         values = _with_grad((inputs.q, inputs.k, inputs.v))
         offsets = [inputs.cu_q.long(), inputs.cu_k.long(), inputs.cu_k.long()]

@@ -1,4 +1,5 @@
-"""W1-W4 forward + backward: varattn's flash backend against torch SDPA on NestedTensors and FlexAttention."""
+"""W1-W4 forward + backward: varattn's flash backend against torch's varlen_attn,
+torch SDPA on NestedTensors and FlexAttention."""
 from harness import suite
 
 test_w1_training = suite("W1", training=True)

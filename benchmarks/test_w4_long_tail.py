@@ -1,4 +1,5 @@
-"""W4 of DESIGN.md: varattn's backends against torch SDPA (NestedTensor, padded + mask) and FlexAttention."""
+"""W4 of DESIGN.md: varattn's backends against torch's varlen_attn,
+torch SDPA (NestedTensor, padded + mask) and FlexAttention."""
 from harness import suite
 
 test_w4 = suite("W4")

@@ -1,4 +1,5 @@
-"""W6 of DESIGN.md: varattn's backends against torch SDPA (NestedTensor, padded + mask) and FlexAttention."""
+"""W6 of DESIGN.md: varattn's backends against torch's varlen_attn,
+torch SDPA (NestedTensor, padded + mask) and FlexAttention."""
 from harness import suite
 
 test_w6 = suite("W6")
