@@ -1,5 +1,5 @@
-"""The package's data flows one way: integrations (other libraries' hooks) ->
-front ends -> run -> dispatch -> backends -> cuda, over the core modules that describe a call (params, checks,
+"""The package's data flows one way: integrations (other libraries' hooks) and the
+command-line tools -> front ends -> run -> dispatch -> backends -> cuda, over the core modules that describe a call (params, checks,
 dropout) and the bounded cache they share (recent). No module imports one of a layer above it."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import varattn
 
 PACKAGE = Path(varattn.__file__).parent
 # Higher imports lower; a layer's own modules import each other.
-LAYERS = {"integrations": 6, "frontends": 5, "run": 4, "dispatch": 3, "backends": 2, "cuda": 1, "core": 0}
+LAYERS = {"cli": 6, "integrations": 6, "frontends": 5, "run": 4, "dispatch": 3, "backends": 2, "cuda": 1, "core": 0}
 CORE = ("params", "checks", "dropout", "recent")
 
 
