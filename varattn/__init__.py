@@ -17,10 +17,11 @@ from .frontends.batched import attention
 from .frontends.explain import explain
 from .frontends.packed import varlen_attention
 from .frontends.sdpa import scaled_dot_product_attention
+from .frontends.varlen_attn import varlen_attn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "Explanation", "KernelCompileError", "NoBackendError", "attention", "explain", "nn",
-    "scaled_dot_product_attention", "set_device_checks", "use_backends", "varlen_attention",
+    "scaled_dot_product_attention", "set_device_checks", "use_backends", "varlen_attention", "varlen_attn",
 ]
