@@ -190,6 +190,31 @@ def test_errors(gen):
         varattn.varlen_attn(q, k, v, cu_q.long(), cu_k, max_q, max_k, enable_gqa=True)
 
 
+def test_compiles_without_graph_breaks(gen):
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(gen, dtype=torch.float32, requires_grad=True)
+
+    def call(q, k, v):
+        return varattn.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(2, 0), enable_gqa=True,
+                                   return_aux=AuxRequest(lse=True))
+    out, lse = torch.compile(call, backend="aot_eager", fullgraph=True)(q, k, v)
+    expected, expected_lse = call(q, k, v)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    out.sum().backward()
+    assert all(x.grad is not None for x in (q, k, v))
+
+
+def torch_varlen_attn(*args, **options):
+    """torch's varlen_attn with the options the installed torch takes (GQA
+    needs no enable_gqa where torch has no such check)."""
+    accepted = inspect.signature(torch_varlen.varlen_attn).parameters
+    if "enable_gqa" not in accepted:
+        options.pop("enable_gqa", None)
+    missing = [name for name in options if name not in accepted]
+    if missing:
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no {missing}")
+    return torch_varlen.varlen_attn(*args, **options)
+
+
 # ---------------------------------------------------------------------------
 # The registry: "varattn" among torch's flash attention implementations.
 
@@ -245,8 +270,8 @@ def varattn_calls(monkeypatch):
 @pytest.mark.parametrize("window_size", [(-1, -1), (-1, 0), (3, 0)], ids=str)
 def test_torch_varlen_attn_runs_on_varattn_cpu(gen, activated, varattn_calls, window_size):
     q, k, v, cu_q, cu_k, max_q, max_k = packed(gen, heads=(4, 4), requires_grad=True)
-    out, lse = torch_varlen.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size,
-                                        return_aux=AuxRequest(lse=True))
+    out, lse = torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size,
+                                 return_aux=AuxRequest(lse=True))
     assert len(varattn_calls) == 1
     expected, expected_lse = fa2_reference(q, k, v, cu_q, cu_k, max_k, window_size)
     mine, mine_lse = varattn.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size,
@@ -362,22 +387,26 @@ def test_aten_ops_refuse_what_varattn_lacks_cpu(gen, activated):
         forward(q, q, q, None, None, 6, 6, 0.0, False, False, seqused_k=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="cum_seq_q and cum_seq_k must both be tensors"):
         forward(q, q, q, None, reference.cu_seqlens([6, 6]), 6, 6, 0.0, False, False)
+    with pytest.raises(ValueError, match=r"dense query, key and value must be 4-D with one batch size, got shapes "
+                                         r"\(2, 6, 4, 16\), \(1, 6, 4, 16\)"):
+        forward(q, q[:1], q[:1], None, None, 6, 6, 0.0, False, False)
+
+
+@needs_registry
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace"),
+                    reason="torch has no _flash_attention_forward_no_dropout_inplace")
+def test_inplace_forward_checks_out_cpu(gen, activated):
+    q = reference.randn(gen, 2, 6, 4, 16, dtype=torch.float64)
+    rows, cu = q.flatten(0, 1), reference.cu_seqlens([6, 6])
+    inplace = torch.ops.aten._flash_attention_forward_no_dropout_inplace
+    with pytest.raises(ValueError, match=r"out must be a \(12, 4, 16\) torch.float64 tensor"):
+        inplace(torch.empty(12, 4, 8, dtype=torch.float64), rows, rows, rows, cu, cu, 6, 6, 0.0, False, False)
+    with pytest.raises(NotImplementedError, match="dense"):
+        inplace(torch.empty_like(q), q, q, q, None, None, 6, 6, 0.0, False, False)
 
 
 # ---------------------------------------------------------------------------
 # CUDA: against torch's own FlashAttention-2, and torch's SDPA after activation.
-
-def torch_varlen_attn(*args, **options):
-    """torch's varlen_attn with the options the installed torch takes (GQA
-    needs no enable_gqa where torch has no such check)."""
-    accepted = inspect.signature(torch_varlen.varlen_attn).parameters
-    if "enable_gqa" not in accepted:
-        options.pop("enable_gqa", None)
-    missing = [name for name in options if name not in accepted]
-    if missing:
-        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no {missing}")
-    return torch_varlen.varlen_attn(*args, **options)
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch_varlen is None, reason="torch has no varlen_attn")

@@ -39,7 +39,8 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     the checks shared with varlen_attention name its arguments: cu_seqlens_q
     for cu_seq_q, max_seqlen_q for max_q, window for window_size.
     """
-    refuse("varattn.varlen_attn", block_table=block_table, num_splits=num_splits)
+    if block_table is not None or num_splits is not None:
+        refuse("varattn.varlen_attn", block_table=block_table, num_splits=num_splits)
     if not enable_gqa and query.shape[1:2] != key.shape[1:2]:
         raise ValueError(f"query has {tuple(query.shape[1:2])} heads and key {tuple(key.shape[1:2])}: pass "
                          "enable_gqa=True for grouped-query attention")

@@ -80,15 +80,15 @@ def activate() -> Handle:
     torch's activate_flash_attention_impl("varattn") calls)."""
     library = torch.library.Library("aten", "IMPL")
     for name, kernel in _KERNELS.items():
-        if hasattr(torch.ops.aten, name):  # torch 2.11 lacks some
+        if hasattr(torch.ops.aten, name):  # an older torch may lack some
             for key in KEYS:
                 library.impl(name, kernel, key)
     return Handle(library)
 
 
 # ---------------------------------------------------------------------------
-# The kernels. Keyword arguments beyond those named are newer torch's (the
-# schemas have grown from release to release): honoured when left unset.
+# The kernels. Keyword arguments beyond those named are other releases' (the
+# schemas change from release to release): honoured when left unset.
 
 def flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
                   scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None,
@@ -133,6 +133,10 @@ def flash_forward_inplace(out, query, key, value, cum_seq_q, cum_seq_k, max_q, m
                                   "dim) inputs not supported by varattn yet; pass cum_seq_q and cum_seq_k")
     params = _params(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, scale,
                      window_size_left, window_size_right, seqused_k, requires_grad=False, out=out)
+    expected = (query.shape[0], query.shape[1], value.shape[2])
+    if (out.shape, out.dtype, out.device) != (expected, query.dtype, query.device) or out.stride(2) != 1:
+        raise ValueError(f"out must be a {expected} {query.dtype} tensor on {query.device} with unit stride on its "
+                         f"last dim, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     return run.attention(params)[1]
 
 
@@ -175,6 +179,9 @@ def _params(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, s
 
 def _dense_params(query, key, value, dropout_p, is_causal, scale, left, right, requires_grad=None):
     """A dense (B, L, H, D) call as a packed one: each batch element a slot of L rows."""
+    if not query.dim() == key.dim() == value.dim() == 4 or not query.shape[0] == key.shape[0] == value.shape[0]:
+        raise ValueError(f"dense query, key and value must be 4-D with one batch size, got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     batch, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
     cu_q = slots(batch, len_q, query.device)
     cu_k = cu_q if len_k == len_q else slots(batch, len_k, query.device)
