@@ -42,8 +42,8 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     if block_table is not None or num_splits is not None:
         refuse("varattn.varlen_attn", block_table=block_table, num_splits=num_splits)
     if not enable_gqa and query.shape[1:2] != key.shape[1:2]:
-        raise ValueError(f"query has {tuple(query.shape[1:2])} heads and key {tuple(key.shape[1:2])}: pass "
-                         "enable_gqa=True for grouped-query attention")
+        raise ValueError(f"query and key must have the same number of heads (dim 1) unless enable_gqa=True "
+                         f"(grouped-query attention), got shapes {tuple(query.shape)} and {tuple(key.shape)}")
     try:
         left, right = window_size
     except (TypeError, ValueError):
@@ -68,7 +68,7 @@ def fa2_mask(left, right, is_causal: bool, max_k) -> tuple[bool, tuple[int, int]
     left = -1 if left < 0 or left >= max_k else left
     right = -1 if right < 0 or right >= max_k else right
     if left >= 0 and right < 0:
-        right = max_k
+        right = int(max_k)  # specialised when torch.compile traces max_k: a window holds ints
     return (True, (left, -1)) if right == 0 else (False, (left, right))
 
 
