@@ -20,11 +20,12 @@ import varattn.integrations.transformers as hf  # noqa: E402
 from transformers import masking_utils  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# bfloat16 takes the flash backend on CUDA, float32 the efficient one.
+PRECISIONS = [("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+              pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)]
 MODELS = ("llama", "qwen2", "mistral")
 WINDOW = 4  # shorter than the sequences, so that the window masks keys
 LENGTHS = (10, 6, 3)
-# Relative error of logits and of each parameter's gradient against sdpa.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +34,7 @@ def registered():
 
 
 def config(name: str, device: str):
-    head_dim = 16 if device == "cpu" else 64  # 64 takes the flash backend on CUDA
+    head_dim = 16 if device == "cpu" else 64  # one flash has kernels for
     common = dict(vocab_size=101, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   initializer_range=0.2)  # peakier attention than the default 0.02, so that masking shows
@@ -51,14 +52,13 @@ def model(name: str, implementation: str, device: str, dtype=torch.float32):
     return made.to(device=device, dtype=dtype).eval()
 
 
-def padded_batch(padding: str, device: str, length: int = max(LENGTHS)):
-    """(input_ids, attention_mask) of LENGTHS padded to `length` on the left or the right."""
+def padded_batch(padding: str, device: str):
+    """(input_ids, attention_mask) of LENGTHS padded on the left or the right."""
+    length = max(LENGTHS)
     ids = torch.randint(0, 101, (len(LENGTHS), length), generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(len(LENGTHS), length, dtype=torch.long)
-    for row, n in enumerate(LENGTHS):
-        mask[row, length - n:] = 1 if padding == "left" else 0
-        mask[row, :n] = 1 if padding == "right" else mask[row, :n]
-    return ids.to(device), mask.to(device)
+    columns = torch.arange(length)
+    mask = torch.stack([columns >= length - n if padding == "left" else columns < n for n in LENGTHS])
+    return ids.to(device), mask.long().to(device)
 
 
 def logits_and_grads(made, tokens, **inputs):
@@ -72,73 +72,72 @@ def logits_and_grads(made, tokens, **inputs):
     return logits[tokens].detach(), grads
 
 
-def assert_close(actual, expected, dtype):
-    assert reference.relative_error(actual, expected) <= TOLERANCE[dtype]
+def assert_like_sdpa(run, dtype):
+    """run(implementation, dtype) -> (logits, gradients). In float32 varattn's
+    are within 1e-4 of sdpa's (relative error); in lower precision their
+    error against sdpa in float32 is at most twice sdpa's own, plus 1e-3."""
+    (got, got_grads), (want, want_grads) = run("varattn", dtype), run("sdpa", torch.float32)
+    assert got_grads.keys() == want_grads.keys()
+    low, low_grads = run("sdpa", dtype) if dtype != torch.float32 else (None, {})
+    triples = [(got, want, low), *((got_grads[n], want_grads[n], low_grads.get(n)) for n in want_grads)]
+    for actual, expected, sdpa in triples:
+        bound = 1e-4 if sdpa is None else 2 * reference.relative_error(sdpa, expected) + 1e-3
+        assert reference.relative_error(actual, expected) <= bound
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, dtype", PRECISIONS)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("name", MODELS)
-def test_padded_matches_sdpa(name, padding, mode, device):
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+def test_padded_matches_sdpa(name, padding, mode, device, dtype):
     ids, mask = padded_batch(padding, device)
-    results = []
-    for implementation in ("sdpa", "varattn"):
+
+    def run(implementation, dtype):
         made = model(name, implementation, device, dtype).train(mode == "train")
-        results.append(logits_and_grads(made, mask.bool(), input_ids=ids, attention_mask=mask))
-    (want, want_grads), (got, got_grads) = results
-    assert_close(got, want, dtype)
-    assert got_grads.keys() == want_grads.keys() and (mode == "eval") == (not got_grads)
-    for key in want_grads:
-        assert_close(got_grads[key], want_grads[key], dtype)
+        return logits_and_grads(made, mask.bool(), input_ids=ids, attention_mask=mask)
+    assert bool(run("varattn", dtype)[1]) == (mode == "train")
+    assert_like_sdpa(run, dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, dtype", PRECISIONS)
 @pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("name", MODELS)
-def test_packed_matches_padded(name, form, device, monkeypatch):
+def test_packed_matches_padded(name, form, device, dtype, monkeypatch):
     """One row of LENGTHS back to back, as DataCollatorWithFlattening makes it,
     in train mode with its default cache (so transformers' mask sees no
     packing: varattn finds it), against sdpa on the right-padded batch."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     ids, mask = padded_batch("right", device)
-    sdpa = model(name, "sdpa", device, dtype).train()
-    want, want_grads = logits_and_grads(sdpa, mask.bool(), input_ids=ids, attention_mask=mask)
-
-    packed = ids[mask.bool()][None]
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None].to(device)
-    inputs = dict(input_ids=packed, position_ids=positions)
+    packed = dict(input_ids=ids[mask.bool()][None], position_ids=torch.cat([torch.arange(n) for n in LENGTHS])[None])
     if form == "cu_seq_lens":
-        cu = reference.cu_seqlens(LENGTHS, device)
-        inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+        cu = reference.cu_seqlens(LENGTHS)
+        packed.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    packed = {key: value.to(device) if torch.is_tensor(value) else value for key, value in packed.items()}
     calls = []
-
-    def spy(q, k, v, cu_q, cu_k, *args, **options):
-        calls.append((q.shape[0], cu_q.tolist()))
-        return varlen_attention(q, k, v, cu_q, cu_k, *args, **options)
     varlen_attention = hf.varlen_attention
-    monkeypatch.setattr(hf, "varlen_attention", spy)
-    made = model(name, "varattn", device, dtype).train()
-    got, got_grads = logits_and_grads(made, torch.ones_like(packed, dtype=torch.bool), **inputs)
-    assert calls == [(sum(LENGTHS), reference.cu_seqlens(LENGTHS).tolist())] * 2  # each layer, no padding
-    assert_close(got, want, dtype)
-    for key in want_grads:
-        assert_close(got_grads[key], want_grads[key], dtype)
+    monkeypatch.setattr(hf, "varlen_attention", lambda q, k, v, cu_q, *args, **options: calls.append(
+        (q.shape[0], cu_q.tolist())) or varlen_attention(q, k, v, cu_q, *args, **options))
 
+    def run(implementation, dtype):
+        made = model(name, implementation, device, dtype).train()
+        if implementation == "sdpa":
+            return logits_and_grads(made, mask.bool(), input_ids=ids, attention_mask=mask)
+        return logits_and_grads(made, torch.ones(1, sum(LENGTHS), dtype=torch.bool, device=device), **packed)
+    assert_like_sdpa(run, dtype)
+    assert calls == [(sum(LENGTHS), reference.cu_seqlens(LENGTHS).tolist())] * 2  # in each layer, no padding
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, cache", [*((name, "dynamic") for name in MODELS), ("llama", "static")])
 def test_generate_matches_sdpa(name, cache, device):
     """Greedy tokens of left-padded prompts: prefill, then decode steps of one
-    query against the growing cache (past the sliding window)."""
+    query against the growing cache (past the sliding window); eager, as
+    generate would compile a static cache's steps on CUDA."""
     ids, mask = padded_batch("left", device)
     tokens = []
     for implementation in ("sdpa", "varattn"):
         made = model(name, implementation, device)
         tokens.append(made.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                    cache_implementation=cache, pad_token_id=0))
+                                    cache_implementation=cache, pad_token_id=0, disable_compile=True))
     assert tokens[0].shape == (len(LENGTHS), max(LENGTHS) + 6)
     assert torch.equal(tokens[1], tokens[0])
 
@@ -160,7 +159,7 @@ def test_other_masks_take_the_attn_mask_path(form, monkeypatch):
     want, _ = logits_and_grads(model("llama", "sdpa", "cpu"), tokens, input_ids=ids, attention_mask=mask)
     got, _ = logits_and_grads(model("llama", "varattn", "cpu"), tokens, input_ids=ids, attention_mask=mask)
     assert len(masks) == 2 and all(m.shape == (3, 1, 10, 10) for m in masks)
-    assert_close(got, want, torch.float32)
+    assert reference.relative_error(got, want) <= 1e-4
 
 
 def test_mask_structures():

@@ -8,7 +8,8 @@ implementation "varattn", so that
 runs every attention layer of the model through varattn.
 
 Supported: transformers 4.53 (the first with `masking_utils` and its
-AttentionMaskInterface) to 5.x; tested with 5.24 (CPU).
+AttentionMaskInterface) to 5.x; tested with 4.53.0, 4.57.1, 5.0.0 and
+5.24.0 (CPU).
 
 The contract (transformers' own source: modeling_utils.AttentionInterface,
 masking_utils, integrations/sdpa_attention.py and flash_attention.py). A
@@ -30,9 +31,9 @@ varattn makes of them:
   it is None, and the batch runs as it is, unless it is packed:
 - Packed batches, with no mask: `cu_seq_lens_q/k` and `max_length_q/k`
   (DataCollatorWithFlattening(return_flash_attn_kwargs=True)) go to
-  `varlen_attention` as given; else `position_ids` that restart (a sequence
-  starts wherever a position is not the one before plus 1, transformers'
-  rule) give the sequences. No padding is made.
+  `varlen_attention` as given; else `position_ids` that restart (a
+  sequence starts wherever a position is not the one before plus 1,
+  transformers' rule) give the sequences. No padding is made.
 - Every other mask (`or_mask_function` / `and_mask_function` overlays,
   chunked or bidirectional attention, block sequence ids, a padding mask
   whose tokens are not contiguous in a row) is transformers' SDPA mask, a
@@ -56,10 +57,10 @@ mask function reads whether each row's tokens are contiguous (transformers'
 SDPA mask reads its mask once a forward too); one per forward with no mask,
 more than one query and `position_ids`, when the restarts are read (a
 forward's layers share them; flash_attention_2 reads them in every layer);
-`max_length_q/k` given as tensors are read. Lengths from a padding mask
-stay on the device, and the padded lengths bound `max_seqlen`. A
-StaticCache needs the attention mask passed (generate passes it) to keep
-its unfilled slots out.
+and `max_length_q/k` given as tensors, or left out, are read. Lengths from
+a padding mask stay on the device, and the padded lengths bound
+`max_seqlen`. A StaticCache needs the attention mask passed (generate
+passes it) to keep its unfilled slots out.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def register() -> None:
     """Register "varattn" with transformers' AttentionInterface and its mask
     function with AttentionMaskInterface, for every model made after it
     (`from_pretrained` / `from_config(..., attn_implementation="varattn")`,
-    or `model.set_attn_implementation("varattn")`). Calling it again is harmless."""
+    or, from 4.56, `model.set_attn_implementation("varattn")`). Calling it again is harmless."""
     transformers.AttentionInterface.register(NAME, attention_forward)
     masking_utils.AttentionMaskInterface.register(NAME, make_mask)
 
@@ -215,17 +216,20 @@ def _terms(mask_function):
     if mask_function is masking_utils.causal_mask_function:
         yield "causal"
         return
-    code = getattr(mask_function, "__code__", None)
-    kind = _KINDS.get(code)
-    cells = dict(zip(code.co_freevars, (c.cell_contents for c in mask_function.__closure__))) if kind else {}
+    kind = _KINDS.get(getattr(mask_function, "__code__", None), "other")
     if kind == "and":
-        for inner in cells["mask_functions"]:
+        for inner in _cell(mask_function, "mask_functions"):
             yield from _terms(inner)
     elif kind == "remapped":
         yield kind
-        yield from _terms(cells["mask_function"])
+        yield from _terms(_cell(mask_function, "mask_function"))
     else:
-        yield kind or "other"
+        yield kind
+
+
+def _cell(function, name: str):
+    """What the closure `function` holds for its free variable `name`."""
+    return function.__closure__[function.__code__.co_freevars.index(name)].cell_contents
 
 
 def _is_causal_window_or_packed(mask_function) -> bool:
