@@ -456,9 +456,13 @@ def test_fa2_window_rules_against_torch(gen, lengths_q, lengths_k, window_size):
 @pytest.mark.gpu
 @needs_registry
 @pytest.mark.skipif(torch_varlen is None, reason="torch has no varlen_attn")
-def test_torch_varlen_attn_after_activation_is_varattns(gen, activated, varattn_calls):
-    q, k, v, cu_q, cu_k, max_q, max_k = packed(gen, heads=(8, 8), head_dim=128, dtype=torch.bfloat16, device="cuda",
-                                               longest=500, longest_k=500, requires_grad=True)
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_torch_varlen_attn_after_activation_is_varattns(gen, activated, varattn_calls, head_dim):
+    """At head_dim 256 the forward runs on flash (torch runs it without grad
+    mode, so dispatch does not know a backward follows) and the backward,
+    which flash has not at 256, on efficient, from flash's out and lse."""
+    q, k, v, cu_q, cu_k, max_q, max_k = packed(gen, heads=(8, 8), head_dim=head_dim, dtype=torch.bfloat16,
+                                               device="cuda", longest=500, longest_k=500, requires_grad=True)
     out, lse = torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0),
                                  return_aux=AuxRequest(lse=True))
     assert len(varattn_calls) == 1
