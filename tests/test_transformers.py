@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="4.53")  # the first with masking_utils
 
 import reference  # noqa: E402
 import varattn.integrations.transformers as hf  # noqa: E402
