@@ -221,7 +221,8 @@ def measure(benchmark, inputs, name, budget_s=1.0, training=False):
     rounds = max(10, min(200, int(budget_s / once)))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update(workload=w.name, impl=name, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")
+    benchmark.extra_info.update(workload=w.name, impl=name, mask=w.mask,
+                                device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu")
     if w.decode:
         benchmark.extra_info["tbps"] = w.bytes_moved / median / 1e12
     else:
