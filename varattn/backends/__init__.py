@@ -19,6 +19,25 @@ from . import efficient, flash, math
 
 
 class Backend(str, enum.Enum):
+    """The backends' names, in the order dispatch tries them.
+
+    Each member compares equal to its name, so "math" and Backend.MATH are
+    interchangeable wherever a backend is named: `varattn.use_backends(...)`,
+    which restricts dispatch to the backends given, and
+    `varattn.explain(...).chosen` and `.reasons`, which say which backend a
+    call would run on and why each of the others would not.
+
+    DECODE: short queries against long keys on CUDA; not built yet, so it
+        never runs a call.
+    FLASH: CUDA sm80+, fp16 and bf16 at head dims 32, 64, 96, 128, 192 and
+        256, without a mask, bias or dropout; the fast path.
+    EFFICIENT: CUDA sm80+, what flash leaves out: bool masks, additive
+        biases, dropout, fp32, any head dim that is a multiple of 8 up to 256.
+    MATH: the reference, on the CPU and CUDA: every dtype including fp64,
+        head dims up to 512 and every feature (dropout on the CPU only); the
+        only backend on the CPU.
+    """
+
     DECODE = "decode"
     FLASH = "flash"
     EFFICIENT = "efficient"

@@ -11,10 +11,19 @@ from .packed import varlen_attention
 class SelfAttention(nn.Module):
     """Multi-head self-attention: qkv projection, attention, output projection, dropout.
 
-    forward(x) takes a NestedTensor (B, j, E), jagged or strided, and returns
-    one of the same layout; or a padded batch (B, L, E) with `lengths` (a list
-    or an integer tensor (B,)), returning (B, L, E) with zeros past each length.
-    Attention runs on the packed rows directly: no padding, no copies of q/k/v.
+    The SDPA tutorial's CausalSelfAttention, with the same arguments and
+    submodules (`c_attn`, `c_proj`, `resid_dropout`), so that its state dict
+    loads as it is. Attention runs on the packed rows directly: no padding, no
+    copies of q/k/v.
+
+    num_heads: heads; embed_dimension (E) must be a multiple of it. bias: the
+    projections' bias. is_causal: each token sees itself and the tokens
+    before it in its own sequence. dropout: the probability of dropping
+    attention probabilities and the output, in training mode only.
+
+    Unlike the tutorial's block, which turns causality off in eval(), this
+    one is causal in eval() too when `is_causal` is set: a model evaluated or
+    generating sees what it saw in training. Only dropout depends on the mode.
     """
 
     def __init__(self, num_heads: int, embed_dimension: int, bias: bool = False, is_causal: bool = False,
@@ -31,6 +40,17 @@ class SelfAttention(nn.Module):
         self.is_causal = is_causal
 
     def forward(self, x: torch.Tensor, lengths=None) -> torch.Tensor:
+        """Self-attention over each sequence of `x`.
+
+        x: a NestedTensor (B, j, E), jagged or strided; or a padded batch, a
+        tensor (B, L, E).
+        lengths: for a padded batch only, each sequence's length: a list of B
+        ints or an integer tensor (B,) on the host or on x's device, each in
+        [0, L]; the tokens past a length are padding, neither attending nor
+        attended to. None: every sequence has all L tokens.
+        Returns a NestedTensor of x's layout, or (B, L, E) with zeros past
+        each length.
+        """
         if nested.is_nested(x):
             if lengths is not None:
                 raise ValueError("lengths applies to padded inputs; a NestedTensor carries its own")
