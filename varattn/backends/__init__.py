@@ -21,11 +21,11 @@ from . import efficient, flash, math
 class Backend(str, enum.Enum):
     """The backends' names, in the order dispatch tries them.
 
-    Each member compares equal to its name, so "math" and Backend.MATH are
-    interchangeable wherever a backend is named: `varattn.use_backends(...)`,
-    which restricts dispatch to the backends given, and
-    `varattn.explain(...).chosen` and `.reasons`, which say which backend a
-    call would run on and why each of the others would not.
+    Members are strings (Backend.MATH == "math"), so either form names a
+    backend: in `varattn.use_backends(...)`, which restricts dispatch to the
+    backends given, and in `varattn.explain(...).chosen` and `.reasons`,
+    which say which backend a call would run on and why each of the others
+    would not.
 
     DECODE: short queries against long keys on CUDA; not built yet, so it
         never runs a call.
