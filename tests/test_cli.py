@@ -1,6 +1,9 @@
 """`python -m varattn info` and `python -m varattn precompile`, without a GPU."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from varattn.cli import info, precompile
@@ -57,3 +60,18 @@ def test_info_reports_versions_cache_and_backends(tmp_path, monkeypatch):
     for expected in ("varattn ", "torch ", "cupy", f"kernel cache {tmp_path}: 0 kernels", "cpu, float32",
                      "backend: math", "flash: runs on cuda"):
         assert expected in text, (expected, text)
+
+
+def run_module(*args):
+    return subprocess.run([sys.executable, "-m", "varattn", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_varattn_runs_each_command():
+    info_run = run_module("info")
+    assert info_run.returncode == 0 and "kernel cache" in info_run.stdout, info_run.stderr
+    listed = run_module("--help")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in ("demo", "info", "precompile"))
+    options = run_module("precompile", "--help")
+    assert options.returncode == 0 and "--head-dim" in options.stdout
+    unknown = run_module("bogus")
+    assert unknown.returncode == 2 and "unknown command 'bogus'" in unknown.stderr

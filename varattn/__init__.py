@@ -19,7 +19,7 @@ from .frontends.packed import varlen_attention
 from .frontends.sdpa import scaled_dot_product_attention
 from .frontends.varlen_attn import varlen_attn
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backend", "Explanation", "KernelCompileError", "NoBackendError", "attention", "explain", "nn",

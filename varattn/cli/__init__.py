@@ -1,1 +1,1 @@
-"""The command-line tools behind `python -m varattn <command>`: info, precompile."""
+"""The command-line tools behind `python -m varattn <command>`: demo, info, precompile."""

@@ -3,6 +3,7 @@ GPUs and their architectures, the kernel cache, and which backend would run
 a typical call on each device, with every other backend's reasons."""
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import platform
 
@@ -66,5 +67,6 @@ def report() -> str:
 
 
 def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m varattn info", description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(report())
     return 0
