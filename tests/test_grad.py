@@ -9,7 +9,7 @@ import torch
 
 import reference
 import varattn
-from test_varlen import FLASH_MASKS, MASKS
+from test_varlen import FLASH_MASKS, MASKS, ROUTE_MASKS, ROUTES, force_route, kernel_calls  # noqa: F401 (a fixture)
 from varattn import run
 from varattn.backends import flash
 
@@ -33,13 +33,17 @@ def poison_past(x, cu_seqlens, used):
 
 
 def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch=6, longest=19, bias=False,
-                seqused=False, poison=False, with_lse=True, deterministic=False, **options):
+                seqused=False, poison=False, with_lse=True, deterministic=False, lengths=None, **options):
     """Gradients of q, k, v (and an additive bias) through varlen_attention,
     out and lse both in the loss, against the reference's autograd. With
-    `poison`, the rows past seqused of q, k, v and the output gradient are NaN."""
+    `poison`, the rows past seqused of q, k, v and the output gradient are NaN.
+    lengths: (lengths_q, lengths_k), default drawn (0, 1 and `longest` among them)."""
     heads_q, heads_kv = heads
-    lengths_q = reference.lengths(gen, batch, longest)
-    lengths_k = reference.lengths(gen, batch, longest + 5)
+    if lengths is not None:
+        lengths_q, lengths_k = lengths
+    else:
+        lengths_q = reference.lengths(gen, batch, longest)
+        lengths_k = reference.lengths(gen, batch, longest + 5)
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, lengths_q, lengths_k, heads_q, heads_kv, head_dim,
                                                   dtype=dtype, device=device)
     used = {}
@@ -77,6 +81,35 @@ def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch
 def test_math_cpu(gen, dtype, mask):
     heads = [(4, 4), (4, 2), (6, 1)][hash(str(mask)) % 3]
     check_grads(gen, dtype, "cpu", "math", heads=heads, **mask)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+def test_math_cpu_routes(gen, kernel_calls, monkeypatch, route, dtype, mask):
+    """torch's fused backward (no gradient reaching lse) and math_cpu's own,
+    on lengths 0, 1, Lq != Lk, GQA and MQA; GQA's key/value gradients sum over the group."""
+    force_route(monkeypatch, route)
+    heads = [(4, 4), (4, 2), (6, 1)][hash(str(mask)) % 3]
+    check_grads(gen, dtype, "cpu", "math", heads=heads, head_dim=32, batch=8, longest=40, with_lse=False, **mask)
+    assert (kernel_calls["backward"] > 0) == (route == "fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [(33, 33), (40, 17), (1, 9)], ids=str)
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+def test_math_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask):
+    """A dense batch: one fused forward and one fused backward, on views."""
+    len_q, len_k = lengths
+    check_grads(gen, dtype, "cpu", "math", heads=(4, 2), head_dim=32, lengths=([len_q] * 3, [len_k] * 3),
+                with_lse=False, **mask)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+
+
+def test_math_cpu_lse_gradient_keeps_math_backward(gen, kernel_calls):
+    """A gradient reaching lse: the forward fused, the backward math_cpu's (torch's takes none)."""
+    check_grads(gen, torch.float32, "cpu", "math", lengths=([9, 0, 4], [9, 3, 0]), causal=True, with_lse=True)
+    assert kernel_calls == {"forward": 1, "backward": 0}  # the sequence of 9 rows (the 4 rows see no key)
 
 
 @pytest.mark.parametrize("device", DEVICES)

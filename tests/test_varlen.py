@@ -7,6 +7,7 @@ import torch
 import reference
 import varattn
 from conftest import LSE_TOLERANCE, TOLERANCE
+from varattn.backends import fused_cpu
 
 MASKS = [
     dict(),
@@ -21,10 +22,14 @@ HEADS = [(4, 4), (4, 2), (6, 1)]
 
 
 def check(gen, dtype, device, *, heads=(4, 2), head_dim=16, head_dim_v=None, batch=6, longest=19, same_lengths=False,
-          bias=None, seqused=False, backend=None, **options):
+          bias=None, seqused=False, backend=None, lengths=None, **options):
+    """lengths: (lengths_q, lengths_k), default drawn (0, 1 and `longest` among them)."""
     heads_q, heads_kv = heads
-    lengths_q = reference.lengths(gen, batch, longest)
-    lengths_k = lengths_q if same_lengths else reference.lengths(gen, batch, longest + 5)
+    if lengths is not None:
+        (lengths_q, lengths_k), batch = lengths, len(lengths[0])
+    else:
+        lengths_q = reference.lengths(gen, batch, longest)
+        lengths_k = lengths_q if same_lengths else reference.lengths(gen, batch, longest + 5)
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, lengths_q, lengths_k, heads_q, heads_kv, head_dim, head_dim_v,
                                                   dtype, device)
     used_q = used_k = None
@@ -94,6 +99,107 @@ def test_max_seqlen_computed_when_left_out(gen):
 def test_math_workspace_chunks_cpu(gen, monkeypatch):
     monkeypatch.setattr(varattn.backends.math, "WORKSPACE_BYTES", 4 * 1024)
     check(gen, torch.float64, "cpu", causal=True, longest=40)
+
+
+# ---------------------------------------------------------------------------
+# The math backend's two CPU routes: torch's fused kernel for what
+# varattn/backends/fused_cpu.py says it can express, math_cpu's own loop for
+# the rest (forced here by making fused_cpu decline every call).
+
+ROUTES = ["fused", "math"]
+ROUTE_MASKS = [dict(), dict(causal=True), dict(causal=True, causal_align="lower_right")]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times torch's fused forward and backward kernels ran."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, op):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return run
+    monkeypatch.setattr(fused_cpu, "FORWARD", counted("forward", fused_cpu.FORWARD))
+    monkeypatch.setattr(fused_cpu, "BACKWARD", counted("backward", fused_cpu.BACKWARD))
+    return calls
+
+
+def force_route(monkeypatch, route: str) -> None:
+    if route == "math":
+        monkeypatch.setattr(fused_cpu, "declined", lambda params: "the test forces math_cpu's own path")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+def test_cpu_routes(gen, kernel_calls, monkeypatch, route, dtype, mask):
+    """Lengths 0, 1 and Lq != Lk in one call: lower-right rows that see no key
+    (Lk < Lq), lower-right Lq < Lk sequences left to math_cpu, GQA and MQA."""
+    force_route(monkeypatch, route)
+    heads = HEADS[hash(str(mask)) % 3]
+    check(gen, dtype, "cpu", heads=heads, batch=8, head_dim=32, longest=40, **mask)
+    assert (kernel_calls["forward"] > 0) == (route == "fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lengths", [(33, 33), (40, 17), (17, 40), (1, 9)], ids=str)
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask, batch):
+    """Every sequence of one length (a dense batch): one kernel call on views,
+    unless lower-right causal with 1 < Lq < Lk, which the kernel cannot express."""
+    len_q, len_k = lengths
+    check(gen, dtype, "cpu", heads=(4, 2), head_dim=32, lengths=([len_q] * batch, [len_k] * batch), **mask)
+    inexpressible = mask.get("causal_align") == "lower_right" and 1 < len_q < len_k
+    assert kernel_calls["forward"] == (0 if inexpressible else 1)
+
+
+@pytest.mark.parametrize("gather_below", [0, 1000], ids=["one-by-one", "gathered"])
+@pytest.mark.parametrize("mask", ROUTE_MASKS[:2], ids=str)
+def test_cpu_fused_unevenly_spaced_sequences(gen, kernel_calls, monkeypatch, gather_below, mask):
+    """Sequences of one length that do not lie evenly spaced: gathered into
+    one call, or called one by one on views (fused_cpu.GATHER_BELOW)."""
+    monkeypatch.setattr(fused_cpu, "GATHER_BELOW", gather_below)
+    lengths = [3, 70, 3, 0, 70, 3, 1, 65, 3, 70]
+    check(gen, torch.float32, "cpu", heads=(4, 1), head_dim=32, lengths=(lengths, lengths), **mask)
+    shapes = len(set(n for n in lengths if n))  # 3, 70, 1, 65
+    assert kernel_calls["forward"] == (shapes if gather_below else sum(1 for n in lengths if n))
+
+
+@pytest.mark.parametrize("seqused", [False, True])
+def test_cpu_fused_seqused_and_scale(gen, kernel_calls, seqused):
+    check(gen, torch.float32, "cpu", seqused=seqused, scale=0.3, causal=True, batch=7, longest=30)
+    assert kernel_calls["forward"] > 0
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_fused_padded_front_end(gen, kernel_calls, layout, causal):
+    """varattn.attention on a dense (B, H, L, D) batch: one kernel call, as torch SDPA."""
+    q, k, v = (reference.randn(gen, 3, 21, 4, 16) for _ in range(3))
+    if layout == "bhld":  # transposed views of (B, L, H, D), as attention layers make them
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = varattn.attention(q, k, v, layout=layout, causal=causal)
+    bhld = (lambda x: x) if layout == "bhld" else (lambda x: x.transpose(1, 2))
+    expected = torch.nn.functional.scaled_dot_product_attention(*(bhld(x).double() for x in (q, k, v)),
+                                                                is_causal=causal)
+    assert reference.relative_error(bhld(out), expected) <= TOLERANCE[torch.float32]
+    assert kernel_calls["forward"] == 1
+
+
+@pytest.mark.parametrize("option", [dict(window=(3, 0)), dict(bias="bool"), dict(bias="additive"),
+                                    dict(head_dim_v=24)], ids=str)
+def test_cpu_fused_declines(gen, kernel_calls, option):
+    """What torch's kernel cannot express keeps math_cpu's path, with the reason fused_cpu.declined gives."""
+    check(gen, torch.float32, "cpu", causal=True, **option)
+    assert kernel_calls["forward"] == 0
+
+
+def test_cpu_fused_declines_dropout(gen, kernel_calls):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [5, 7], [5, 7], 2, 2, 16)
+    varattn.varlen_attention(q, k, v, cu_q, cu_k, 7, 7, dropout_p=0.3)
+    assert kernel_calls["forward"] == 0
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The math backend on CPU: per sequence, per chunk of query rows, in torch ops."""
+"""The math backend on CPU: torch's fused CPU attention where it can run the
+call (fused_cpu.py decides, and runs it), else per sequence, per chunk of
+query rows, in torch ops."""
 from __future__ import annotations
 
 import torch
 
 from .. import dropout
+from . import fused_cpu
 
 
 def _spans(cu_seqlens, seqused):
@@ -81,10 +84,12 @@ def _chunks(start_q: int, len_q: int, chunk: int):
 
 
 def forward(params, chunk: int):
-    """(out, lse), materialising scores for `chunk` query rows at a time."""
-    out, lse = params.new_out(), params.new_lse()
+    """(out, lse): torch's fused kernel for what fused_cpu takes, the rest
+    materialising scores for `chunk` query rows at a time."""
+    fused = fused_cpu.forward(params)
+    out, lse, sequences = (params.new_out(), params.new_lse(), _sequences(params)) if fused is None else fused
     heads = params.num_heads
-    for b, start_q, len_q, start_k, len_k in _sequences(params):
+    for b, start_q, len_q, start_k, len_k in sequences:
         k, v = _keys(params, start_k, len_k)
         for first, at in _chunks(start_q, len_q, chunk):
             scores = _scores(params, b, first, len_q, _by_group(params, params.q[at]), k)
@@ -107,14 +112,22 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool, chunk: int):
     lse. grad_lse (H, total_q), or None, is the gradient reaching lse. dbias,
     when bias_grad and the bias is additive, has the shape of
     `params.attn_bias` (autograd sums it over the dimensions the caller's
-    bias broadcast); else None. Rows outside every sequence get zero gradients."""
+    bias broadcast); else None. Rows outside every sequence get zero gradients.
+    torch's fused backward takes what fused_cpu takes when no gradient reaches lse."""
     acc = params.lse_dtype
     heads, heads_kv = params.num_heads, params.num_heads_kv
-    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (params.q, params.k, params.v))
+    if grad_lse is not None and not grad_lse.any():  # lse in the loss times 0: the same as no gradient
+        grad_lse = None
+    fused = None if grad_lse is not None else fused_cpu.backward(params, out, lse, grad_out)
+    if fused is None:
+        dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (params.q, params.k, params.v))
+        sequences = _sequences(params)
+    else:
+        dq, dk, dv, sequences = fused
     dbias = None
     if bias_grad and params.bias_kind == "additive":
         dbias = torch.zeros(params.attn_bias.shape, dtype=params.dtype)
-    for b, start_q, len_q, start_k, len_k in _sequences(params):
+    for b, start_q, len_q, start_k, len_k in sequences:
         k, v = _keys(params, start_k, len_k)
         dk_seq = k.new_zeros(heads_kv, len_k, k.shape[-1])
         dv_seq = v.new_zeros(heads_kv, len_k, v.shape[-1])

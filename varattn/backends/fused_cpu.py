@@ -1,0 +1,228 @@
+"""The math backend's fast route on the CPU: torch's fused CPU attention
+kernels (aten::_scaled_dot_product_flash_attention_for_cpu and its
+backward), run on views of the packed rows, for the calls and sequences
+they can express; math_cpu.py runs everything else its own way.
+
+Schemas (the same in torch 2.11 and 2.13):
+    _scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, float dropout_p=0.,
+        bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) -> (Tensor output, Tensor logsumexp)
+    _scaled_dot_product_flash_attention_for_cpu_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value,
+        Tensor out, Tensor logsumexp, float dropout_p, bool is_causal, *, Tensor? attn_mask=None,
+        float? scale=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)
+on (B, H, L, D) tensors of any strides but a unit one on D, key/value with
+H or a divisor of H heads (GQA, in the kernel since torch 2.9: pytorch
+PR 157893), causal aligned upper-left; logsumexp (B, H, Lq) in float32
+(float64 for float64). Its output is (B, L, H, D) in memory, which is the
+packed layout: a dense batch comes back without a copy.
+
+What the kernel cannot be asked, and this module therefore never asks it:
+- a length 0 anywhere (query rows, keys or heads): it dies of SIGFPE;
+  sequences without keys are written here (out 0, lse -inf);
+- lower-right causal: with Lq > Lk the first Lq - Lk rows see no key (written
+  here) and the rest are upper-left causal against every key; with Lq < Lk
+  (and Lq > 1) it has no form for it, and the sequence goes to math_cpu.
+
+`declined(params)` is the one place that decides which calls keep the
+existing path, each with its reason; `forward` and `backward` are math_cpu's
+first step.
+"""
+from __future__ import annotations
+
+import torch
+
+FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def declined(params) -> str | None:
+    """Why the whole call keeps math_cpu's own path, or None when torch's
+    fused kernel takes it (all its sequences but those `_span` leaves)."""
+    if params.device.type != "cpu":
+        return "not on the CPU"
+    if params.dropout_p > 0:
+        return "dropout: varattn draws its own Philox stream (varattn/dropout.py), the same on every device"
+    if params.has_window:
+        return "sliding window: torch's kernel has no window"
+    if params.attn_bias is not None:
+        return (f"attn_bias ({params.bias_kind}): torch's kernel gives rows a mask hides entirely lse 0, not -inf, "
+                f"and no bias gradient")
+    if params.head_dim_v != params.head_dim:
+        return "head_dim_v differs from head_dim: torch's kernel takes one head size"
+    if params.num_heads == 0:
+        return "no heads: torch's kernel divides by the head count"
+    return None
+
+
+def _span(len_q: int, len_k: int, params):
+    """(rows from the start of the sequence that see no key, is_causal) of
+    the kernel call for one sequence, or None when it cannot express it."""
+    if len_k == 0:
+        return len_q, False
+    if not params.causal:
+        return 0, False
+    if params.causal_align == "upper_left" or len_q == len_k:
+        return 0, True
+    if len_q > len_k:  # lower-right: the first len_q - len_k rows see nothing, the rest upper-left
+        return len_q - len_k, True
+    if len_q == 1:  # lower-right, one row: it sees every key
+        return 0, False
+    return None
+
+
+def _lengths(cu_seqlens, seqused):
+    starts = cu_seqlens[:-1].tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if seqused is None else seqused.tolist()
+    return starts, lengths
+
+
+class _Plan:
+    """The call's sequences sorted into kernel calls: `groups` maps
+    (rows, keys, is_causal) to the (start of its rows, start of its keys)
+    of each sequence that a call of that shape takes; `hidden` the (start,
+    rows) of query rows that see no key; `rest` math_cpu's sequences,
+    (b, start_q, len_q, start_k, len_k) as math_cpu._sequences gives them."""
+
+    def __init__(self, params):
+        starts_q, lengths_q = _lengths(params.cu_seqlens_q, params.seqused_q)
+        starts_k, lengths_k = _lengths(params.cu_seqlens_k, params.seqused_k)
+        self.groups, self.hidden, self.rest = {}, [], []
+        for b, (start_q, len_q, start_k, len_k) in enumerate(zip(starts_q, lengths_q, starts_k, lengths_k)):
+            if len_q == 0:
+                continue
+            span = _span(len_q, len_k, params)
+            if span is None:
+                self.rest.append((b, start_q, len_q, start_k, len_k))
+                continue
+            skipped, causal = span
+            if skipped:
+                self.hidden.append((start_q, skipped))
+            if skipped < len_q:
+                self.groups.setdefault((len_q - skipped, len_k, causal), []).append((start_q + skipped, start_k))
+
+    def whole(self, params) -> bool:
+        """Whether one call covers every row, in order, of q and k: a dense batch."""
+        if len(self.groups) != 1 or self.hidden or self.rest or params.seqused_q is not None:
+            return False
+        (rows, keys, _), starts = next(iter(self.groups.items()))
+        return (rows * len(starts) == params.total_q and keys * len(starts) == params.total_k and starts[0] == (0, 0)
+                and (len(starts) == 1 or (_step(starts, 0) == rows and _step(starts, 1) == keys)))
+
+
+def _step(starts, which: int):
+    """The common difference of the starts' `which` element, or None when they are not evenly spaced."""
+    first = starts[0][which]
+    if len(starts) == 1:
+        return 0
+    step = starts[1][which] - first
+    return step if all(s[which] == first + i * step for i, s in enumerate(starts)) else None
+
+
+class _Rows:
+    """The rows of `n` consecutive rows from each start, of packed (total, H, d)
+    tensors, as (G, H, n, d) views where the starts are evenly spaced, else
+    gathered; and back."""
+
+    def __init__(self, starts, n: int):
+        self.n, self.count, self.first = n, len(starts), starts[0]
+        self.step = _step([(s,) for s in starts], 0)
+        self.index = None
+        if self.step is None:
+            self.index = (torch.tensor(starts)[:, None] + torch.arange(n)).view(-1)
+
+    def read(self, x):
+        """(G, H, n, d) of packed x."""
+        if self.index is None:
+            s0, s1, s2 = x.stride()
+            return x.as_strided((self.count, self.n, x.shape[1], x.shape[2]), (self.step * s0, s0, s1, s2),
+                                x.storage_offset() + self.first * s0).transpose(1, 2)
+        return x.index_select(0, self.index).view(self.count, self.n, *x.shape[1:]).transpose(1, 2)
+
+    def write(self, x, made) -> None:
+        """Packed x's rows = made (G, H, n, d)."""
+        if self.index is None:
+            self.read(x).copy_(made)
+        else:
+            x.index_copy_(0, self.index, made.transpose(1, 2).reshape(-1, *x.shape[1:]))
+
+    def write_lse(self, lse, made) -> None:
+        """(H, total) lse's columns = made (G, H, n)."""
+        if self.index is None:
+            s0, s1 = lse.stride()
+            lse.as_strided((self.count, lse.shape[0], self.n), (self.step * s1, s0, s1),
+                           lse.storage_offset() + self.first * s1).copy_(made)
+        else:
+            lse.index_copy_(1, self.index, made.transpose(0, 1).reshape(lse.shape[0], -1))
+
+    def read_lse(self, lse):
+        """(G, H, n) of (H, total) lse."""
+        if self.index is None:
+            s0, s1 = lse.stride()
+            return lse.as_strided((self.count, lse.shape[0], self.n), (self.step * s1, s0, s1),
+                                  lse.storage_offset() + self.first * s1)
+        return lse.index_select(1, self.index).view(lse.shape[0], self.count, self.n).transpose(0, 1)
+
+
+# Sequences of one shape that do not lie evenly spaced are gathered into one
+# call when shorter than this, else called one by one on views: a call costs
+# about 80 us of its own, about what copying a few thousand rows in and out
+# does (2 cores, fp32: 1024 sequences of 3 or 5 rows, 8.6 ms gathered against
+# 85 ms one by one; 128 of 64 or 128 rows, within a few percent either way).
+GATHER_BELOW = 64
+
+
+def _calls(plan):
+    """(query rows, key rows, is_causal) of each kernel call."""
+    for (rows, keys, causal), starts in plan.groups.items():
+        if len(starts) > 1 and max(rows, keys) >= GATHER_BELOW and (_step(starts, 0) is None
+                                                                     or _step(starts, 1) is None):
+            for start_q, start_k in starts:
+                yield _Rows([start_q], rows), _Rows([start_k], keys), causal
+        else:
+            yield _Rows([s for s, _ in starts], rows), _Rows([s for _, s in starts], keys), causal
+
+
+def forward(params):
+    """(out, lse, the sequences left for math_cpu) with every other row
+    written, or None when `declined`."""
+    if declined(params) is not None:
+        return None
+    plan = _Plan(params)
+    q, k, v, scale = params.q, params.k, params.v, params.scale
+    if params.out is None and plan.whole(params):
+        (rows_q, rows_k, causal), = _calls(plan)
+        out, lse = FORWARD(rows_q.read(q), rows_k.read(k), rows_k.read(v), is_causal=causal, scale=scale)
+        return (out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2]),
+                lse.transpose(0, 1).reshape(q.shape[1], -1).contiguous(), [])
+    out, lse = params.new_out(), params.new_lse()
+    if params.seqused_q is None:  # rows that see no key; new_out / new_lse set them with seqused
+        for start, rows in plan.hidden:
+            out[start:start + rows] = 0
+            lse[:, start:start + rows] = float("-inf")
+    for rows_q, rows_k, causal in _calls(plan):
+        made, made_lse = FORWARD(rows_q.read(q), rows_k.read(k), rows_k.read(v), is_causal=causal, scale=scale)
+        rows_q.write(out, made)
+        rows_q.write_lse(lse, made_lse)
+    return out, lse, plan.rest
+
+
+def backward(params, out, lse, grad_out):
+    """(dq, dk, dv, the sequences left for math_cpu) with every other row
+    written (zero where no gradient reaches), or None when `declined`. The
+    gradient reaching lse must be None (math_cpu keeps those calls)."""
+    if declined(params) is not None:
+        return None
+    plan = _Plan(params)
+    q, k, v, scale = params.q, params.k, params.v, params.scale
+    if plan.whole(params):
+        (rows_q, rows_k, causal), = _calls(plan)
+        dq, dk, dv = BACKWARD(rows_q.read(grad_out), rows_q.read(q), rows_k.read(k), rows_k.read(v),
+                              rows_q.read(out), rows_q.read_lse(lse), 0.0, causal, scale=scale)
+        return (*(d.transpose(1, 2).reshape(x.shape) for d, x in ((dq, q), (dk, k), (dv, v))), [])
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (q, k, v))
+    for rows_q, rows_k, causal in _calls(plan):
+        made = BACKWARD(rows_q.read(grad_out), rows_q.read(q), rows_k.read(k), rows_k.read(v), rows_q.read(out),
+                        rows_q.read_lse(lse), 0.0, causal, scale=scale)
+        rows_q.write(dq, made[0])
+        rows_k.write(dk, made[1])
+        rows_k.write(dv, made[2])
+    return dq, dk, dv, plan.rest
