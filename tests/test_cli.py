@@ -1,11 +1,9 @@
 """`python -m varattn info` and `python -m varattn precompile`, without a GPU."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
+import varattn.__main__ as varattn_main
 from varattn.cli import info, precompile
 from varattn.cuda import loader
 
@@ -62,16 +60,13 @@ def test_info_reports_versions_cache_and_backends(tmp_path, monkeypatch):
         assert expected in text, (expected, text)
 
 
-def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "varattn", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_python_m_varattn_runs_each_command():
-    info_run = run_module("info")
-    assert info_run.returncode == 0 and "kernel cache" in info_run.stdout, info_run.stderr
-    listed = run_module("--help")
-    assert listed.returncode == 0 and all(name in listed.stdout for name in ("demo", "info", "precompile"))
-    options = run_module("precompile", "--help")
-    assert options.returncode == 0 and "--head-dim" in options.stdout
-    unknown = run_module("bogus")
-    assert unknown.returncode == 2 and "unknown command 'bogus'" in unknown.stderr
+def test_python_m_varattn_dispatches_each_command(capsys):
+    """`python -m varattn <command>` (tests/test_packaging.py runs `info` so, from the wheel)."""
+    assert varattn_main.main(["info"]) == 0 and "kernel cache" in capsys.readouterr().out
+    assert varattn_main.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("demo", "info", "precompile"))
+    with pytest.raises(SystemExit) as done:
+        varattn_main.main(["precompile", "--help"])
+    assert done.value.code == 0 and "--head-dim" in capsys.readouterr().out
+    assert varattn_main.main(["bogus"]) == 2 and "unknown command 'bogus'" in capsys.readouterr().err
