@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -32,9 +33,17 @@ def device_checks_enabled() -> bool:
     return _device_checks
 
 
+def type_name(x) -> str:
+    """The name of x's type as torch's errors give it: `int`, `numpy.bool`,
+    `torch.Tensor` (a numpy bool's own __name__ is plain `bool`)."""
+    kind = type(x)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
 def tensor(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
 
 
 def packed_qkv(q, k, v) -> None:
@@ -110,8 +119,33 @@ def non_negative_int(x, name: str) -> None:
 
 
 def flag(x, name: str) -> None:
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    """A Python bool and nothing else, as torch SDPA's is_causal and enable_gqa:
+    ints, numpy bools, 0-d tensors and strings ("False" is truthy) are refused."""
+    if type(x) is not bool:
+        raise TypeError(f"{name} must be a bool, got {type_name(x)}")
+
+
+def real(x, name: str) -> float:
+    """x as a float, taking what torch's argument parser takes for a float
+    (SDPA's dropout_p and scale): a Python bool, int or float (or a
+    subclass), a numpy scalar, or a 0-d tensor that does not require grad
+    (read with .item(): a sync on a GPU). Anything else, a string or None
+    included, is a TypeError naming its type."""
+    kind = type(x)
+    if kind is float or kind is int:
+        return float(x)
+    if isinstance(x, (int, float)):  # bool, IntEnum, float subclasses
+        return float(x)
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.requires_grad:
+            raise TypeError(f"{name} must be a float; a tensor is taken only with 0 dims and not requiring "
+                            f"grad, got a torch.Tensor of shape {tuple(x.shape)}"
+                            f"{' that requires grad' if x.requires_grad else ''}")
+        return float((x.real if x.is_complex() else x).item())
+    numpy = sys.modules.get("numpy")  # a numpy scalar's module is loaded already
+    if numpy is not None and isinstance(x, (numpy.number, numpy.bool_)):
+        return float(x.real) if isinstance(x, numpy.complexfloating) else float(x)
+    raise TypeError(f"{name} must be a float, got {type_name(x)}")
 
 
 def window(w) -> tuple[int, int]:
@@ -126,16 +160,22 @@ def window(w) -> tuple[int, int]:
 
 
 def scale(s, head_dim: int) -> float:
+    """The score scale as a float: 1/sqrt(head_dim) for None, else `real`'s
+    types; a value that is not finite is a ValueError."""
     if s is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+    value = s if type(s) is float else real(s, "scale")
+    if not math.isfinite(value):
         raise ValueError(f"scale must be a finite number or None, got {s!r}")
-    return float(s)
+    return value
 
 
-def dropout(p) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+def dropout(p) -> float:
+    """dropout_p as a float in [0, 1) (`real`'s types; out of range: a ValueError)."""
+    value = p if type(p) is float else real(p, "dropout_p")
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {p!r}")
+    return value
 
 
 def attn_bias(bias, q, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:

@@ -149,7 +149,8 @@ def build_params(
     one already checked skips the checks that depend on nothing else (and
     dispatch reuses its choice, varattn/dispatch.py); None: checked in full.
     """
-    if structure is not None and attn_bias is None and max_seqlen_q is not None and max_seqlen_k is not None:
+    if (structure is not None and attn_bias is None and max_seqlen_q is not None and max_seqlen_k is not None
+            and _plain(causal, causal_align, window, scale, dropout_p, return_lse, deterministic)):
         try:
             known = _checked.get(structure)
         except TypeError:  # an option of an unhashable kind (a window given as a list): checked in full
@@ -188,7 +189,7 @@ def build_params(
         raise ValueError(f"causal_align must be one of {CAUSAL_ALIGNS}, got {causal_align!r}")
     window = checks.window(window)
     scale = checks.scale(scale, q.shape[-1])
-    checks.dropout(dropout_p)
+    dropout_p = checks.dropout(dropout_p)
     checks.flag(deterministic, "deterministic")
     if attn_bias is not None:
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
@@ -198,8 +199,8 @@ def build_params(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        causal=bool(causal), causal_align=causal_align, window=window, scale=scale,
-        attn_bias=attn_bias, dropout_p=float(dropout_p), return_lse=bool(return_lse),
+        causal=causal, causal_align=causal_align, window=window, scale=scale,
+        attn_bias=attn_bias, dropout_p=dropout_p, return_lse=return_lse,
         requires_grad=requires_grad,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out, memo=memo,
         structure=structure,
@@ -211,6 +212,21 @@ def build_params(
         _checked.put(structure, (params.causal, params.causal_align, params.window, params.scale, None,
                                  params.dropout_p, params.return_lse))
     return params
+
+
+def _plain(causal, causal_align, window, scale, dropout_p, return_lse, deterministic) -> bool:
+    """Whether the options are of the plain types a checked structure may
+    stand for. A structure key holds the options' values, and values of
+    other types compare and hash equal to them (causal=1 or numpy.True_ to
+    True, window=(True, 0) to (1, 0)) without passing the checks; a 0-d
+    tensor scale would be kept in the key. Such calls are checked in full."""
+    return (type(causal) is bool and type(return_lse) is bool and type(deterministic) is bool
+            and type(causal_align) is str and type(window) is tuple and len(window) == 2
+            and type(window[0]) is int and type(window[1]) is int
+            and (scale is None or type(scale) in _NUMBERS) and type(dropout_p) in _NUMBERS)
+
+
+_NUMBERS = (float, int)
 
 
 def _check_lengths(p: AttentionParams) -> None:

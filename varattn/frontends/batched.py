@@ -61,8 +61,13 @@ def attention(query, key, value, *, layout=None, lengths=None, kv_lengths=None, 
                                 key_padding_mask=key_padding_mask, attn_mask=attn_mask, causal=causal,
                                 causal_align=causal_align, window=window, scale=scale, dropout_p=dropout_p,
                                 return_lse=return_lse, deterministic=deterministic)
-    out, lse = (nested.attend if isinstance(form, nested.NestedForm) else run.attention)(params, form, inputs)
+    out, lse = run_call(params, form, inputs)
     return (out, lse) if return_lse else out
+
+
+def run_call(params, form, inputs):
+    """(out, lse) of a call made by `call`."""
+    return (nested.attend if isinstance(form, nested.NestedForm) else run.attention)(params, form, inputs)
 
 
 def call(query, key, value, *, layout=None, lengths=None, kv_lengths=None, key_padding_mask=None, attn_mask=None,
@@ -73,8 +78,31 @@ def call(query, key, value, *, layout=None, lengths=None, kv_lengths=None, key_p
         for name, given in (("lengths", lengths), ("kv_lengths", kv_lengths), ("key_padding_mask", key_padding_mask)):
             if given is not None:
                 raise ValueError(f"{name} applies to padded batches; a NestedTensor carries its own lengths")
-        return nested.call(query, key, value, layout, attn_mask, options)
-    if any(kinds):
+    elif any(kinds):
         kinds = ", ".join(f"{n}: {'NestedTensor' if f else 'dense'}" for n, f in zip(("query", "key", "value"), kinds))
         raise TypeError(f"query, key and value must be all NestedTensors or all dense tensors; got {kinds}")
-    return padded.call(query, key, value, layout or "bhld", lengths, kv_lengths, key_padding_mask, attn_mask, options)
+    try:
+        if all(kinds):
+            return nested.call(query, key, value, layout, attn_mask, options)
+        return padded.call(query, key, value, layout or "bhld", lengths, kv_lengths, key_padding_mask, attn_mask,
+                           options)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if message.startswith("attn_bias"):  # the packed checks' name for it (varlen_attention's)
+            raise type(error)("attn_mask" + message[len("attn_bias"):]) from None
+        raise
+    except RuntimeError:
+        if all(kinds):  # a strided NestedTensor of head dim 0 fails torch's reshape before the checks see it
+            _positive_head_dims(query, key, value)
+        raise
+
+
+def _positive_head_dims(query, key, value) -> None:
+    dims = []
+    for x in (query, key, value):
+        try:
+            dims.append(x.size(-1))
+        except RuntimeError:  # irregular: not this case
+            return
+    if 0 in dims:
+        raise ValueError(f"head_dim must be positive, got query {dims[0]}, key {dims[1]} and value {dims[2]}") from None
