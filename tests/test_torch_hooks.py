@@ -470,7 +470,8 @@ def test_torch_varlen_attn_after_activation_is_varattns(gen, activated, varattn_
                                          return_aux=AuxRequest(lse=True))
     # torch calls varattn without grad mode, which may pick another tile plan than
     # varattn.varlen_attn with gradients: a few outputs round to a neighbouring bf16
-    assert reference.relative_error(out, mine) <= 1e-4 and reference.lse_error(lse, mine_lse) <= 1e-5
+    assert reference.relative_error(out, mine) <= 1e-4
+    assert reference.lse_error(lse, mine_lse.detach().cpu().double()) <= 1e-5
     grad_out = torch.randn_like(out)
     for grad, mine_grad in zip(torch.autograd.grad(out, (q, k, v), grad_out),
                                torch.autograd.grad(mine, (q, k, v), grad_out)):
