@@ -33,11 +33,13 @@ def poison_past(x, cu_seqlens, used):
 
 
 def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch=6, longest=19, bias=False,
-                seqused=False, poison=False, with_lse=True, deterministic=False, lengths=None, **options):
+                seqused=False, poison=False, with_lse=True, deterministic=False, lengths=None, bool_mask=False,
+                **options):
     """Gradients of q, k, v (and an additive bias) through varlen_attention,
     out and lse both in the loss, against the reference's autograd. With
     `poison`, the rows past seqused of q, k, v and the output gradient are NaN.
-    lengths: (lengths_q, lengths_k), default drawn (0, 1 and `longest` among them)."""
+    lengths: (lengths_q, lengths_k), default drawn (0, 1 and `longest` among them).
+    bool_mask: a random bool attn_bias (B, 1, Lq, Lk), True = take part, for both."""
     heads_q, heads_kv = heads
     if lengths is not None:
         lengths_q, lengths_k = lengths
@@ -59,16 +61,19 @@ def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch
         leaves.append(reference.randn(gen, 1, heads_q, max(lengths_q) + 2, max(lengths_k), dtype=dtype, device=device))
     leaves = [x.requires_grad_() for x in leaves]
     grad_lse = reference.randn(gen, heads_q, q.shape[0], dtype=torch.float64)
+    mask = None
+    if bool_mask:
+        mask = (torch.rand(len(lengths_q), 1, max(lengths_q), max(lengths_k), generator=gen) > 0.3).to(device)
     with varattn.use_backends(backend):
         out, lse = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, max(lengths_q), max(lengths_k),
-                                            attn_bias=leaves[3] if bias else None, return_lse=True,
+                                            attn_bias=leaves[3] if bias else mask, return_lse=True,
                                             deterministic=deterministic, **used, **options)
     loss = (out.double() * grad_out.double()).sum() + (finite(lse).double().cpu() * grad_lse).sum() * with_lse
     loss.backward()
 
     expected_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
     expected, expected_lse = reference.attention(*expected_leaves[:3], cu_q, cu_k,
-                                                 attn_bias=expected_leaves[3] if bias else None, **used, **options)
+                                                 attn_bias=expected_leaves[3] if bias else mask, **used, **options)
     expected_loss = (expected * grad_out.cpu().double()).sum() + (finite(expected_lse) * grad_lse).sum() * with_lse
     expected_loss.backward()
     for name, got, want in zip(("dq", "dk", "dv", "dbias"), leaves, expected_leaves):
@@ -96,7 +101,7 @@ def test_math_cpu_routes(gen, kernel_calls, monkeypatch, route, dtype, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lengths", [(33, 33), (40, 17), (1, 9)], ids=str)
+@pytest.mark.parametrize("lengths", [(33, 33), (40, 17), (17, 40), (1, 9)], ids=str)
 @pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
 def test_math_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask):
     """A dense batch: one fused forward and one fused backward, on views."""
@@ -104,6 +109,22 @@ def test_math_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask):
     check_grads(gen, dtype, "cpu", "math", heads=(4, 2), head_dim=32, lengths=([len_q] * 3, [len_k] * 3),
                 with_lse=False, **mask)
     assert kernel_calls == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+def test_math_cpu_fused_bool_mask(gen, kernel_calls, dtype, mask):
+    """A bool mask (rows it hides entirely among them): fused both ways."""
+    check_grads(gen, dtype, "cpu", "math", heads=(4, 2), head_dim=32, batch=8, longest=30, with_lse=False,
+                bool_mask=True, **mask)
+    assert kernel_calls["forward"] > 0 and kernel_calls["backward"] > 0
+
+
+def test_math_cpu_bias_gradient_keeps_math_backward(gen, kernel_calls):
+    """An additive bias that requires grad: the forward fused, the backward
+    math_cpu's (torch's gives no bias gradient)."""
+    check_grads(gen, torch.float64, "cpu", "math", bias=True, causal=True, with_lse=False)
+    assert kernel_calls["forward"] > 0 and kernel_calls["backward"] == 0
 
 
 def test_math_cpu_lse_gradient_keeps_math_backward(gen, kernel_calls):

@@ -127,7 +127,7 @@ def kernel_calls(monkeypatch):
 
 def force_route(monkeypatch, route: str) -> None:
     if route == "math":
-        monkeypatch.setattr(fused_cpu, "declined", lambda params: "the test forces math_cpu's own path")
+        monkeypatch.setattr(fused_cpu, "declined", lambda params, bias_grad=False: "forced: math_cpu's own path")
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -147,12 +147,11 @@ def test_cpu_routes(gen, kernel_calls, monkeypatch, route, dtype, mask):
 @pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask, batch):
-    """Every sequence of one length (a dense batch): one kernel call on views,
-    unless lower-right causal with 1 < Lq < Lk, which the kernel cannot express."""
+    """Every sequence of one length (a dense batch): one kernel call on views
+    (lower-right causal with 1 < Lq < Lk through an additive mask)."""
     len_q, len_k = lengths
     check(gen, dtype, "cpu", heads=(4, 2), head_dim=32, lengths=([len_q] * batch, [len_k] * batch), **mask)
-    inexpressible = mask.get("causal_align") == "lower_right" and 1 < len_q < len_k
-    assert kernel_calls["forward"] == (0 if inexpressible else 1)
+    assert kernel_calls["forward"] == 1
 
 
 @pytest.mark.parametrize("gather_below", [0, 1000], ids=["one-by-one", "gathered"])
@@ -188,8 +187,34 @@ def test_cpu_fused_padded_front_end(gen, kernel_calls, layout, causal):
     assert kernel_calls["forward"] == 1
 
 
-@pytest.mark.parametrize("option", [dict(window=(3, 0)), dict(bias="bool"), dict(bias="additive"),
-                                    dict(head_dim_v=24)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", ["bool", "additive", "keys"])
+@pytest.mark.parametrize("mask", ROUTE_MASKS, ids=str)
+def test_cpu_fused_bias(gen, kernel_calls, dtype, bias, mask):
+    """Masks and biases through the kernel's additive mask, rows they hide
+    entirely (lse -inf, not the kernel's 0) among them; lower-right 1 < Lq < Lk
+    sequences with a bias stay on math_cpu."""
+    check(gen, dtype, "cpu", bias=bias, batch=8, longest=30, **mask)
+    assert kernel_calls["forward"] > 0
+
+
+def test_cpu_fused_bias_dense_and_fully_masked_rows(gen, kernel_calls):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [6, 6], [9, 9], 4, 2, 16)
+    mask = torch.rand(2, 1, 6, 9, generator=gen) > 0.5
+    mask[0, 0, 2] = False  # sees no key
+    mask[1, 0, 4] = False
+    mask[1, 0, 4, 7] = True  # sees one key, which causal hides
+    for causal in (False, True):
+        expected, expected_lse = reference.attention(q, k, v, cu_q, cu_k, attn_bias=mask, causal=causal)
+        out, lse = varattn.varlen_attention(q, k, v, cu_q, cu_k, 6, 9, attn_bias=mask, causal=causal,
+                                            return_lse=True)
+        assert reference.relative_error(out, expected) <= TOLERANCE[torch.float32]
+        assert reference.lse_error(lse, expected_lse) <= LSE_TOLERANCE[torch.float32]
+        assert torch.isinf(lse[:, 2]).all() and (torch.isinf(lse[:, 6 + 4]).all() == causal)
+    assert kernel_calls["forward"] == 2
+
+
+@pytest.mark.parametrize("option", [dict(window=(3, 0)), dict(head_dim_v=24)], ids=str)
 def test_cpu_fused_declines(gen, kernel_calls, option):
     """What torch's kernel cannot express keeps math_cpu's path, with the reason fused_cpu.declined gives."""
     check(gen, torch.float32, "cpu", causal=True, **option)

@@ -118,7 +118,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad: bool, chunk: int):
     heads, heads_kv = params.num_heads, params.num_heads_kv
     if grad_lse is not None and not grad_lse.any():  # lse in the loss times 0: the same as no gradient
         grad_lse = None
-    fused = None if grad_lse is not None else fused_cpu.backward(params, out, lse, grad_out)
+    fused = None if grad_lse is not None else fused_cpu.backward(params, out, lse, grad_out, bias_grad)
     if fused is None:
         dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (params.q, params.k, params.v))
         sequences = _sequences(params)
