@@ -85,9 +85,9 @@ def _span(len_q: int, len_k: int, params):
 
 
 def _lengths(cu_seqlens, seqused):
-    starts = cu_seqlens[:-1].tolist()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if seqused is None else seqused.tolist()
-    return starts, lengths
+    """(starts, lengths) as lists (one read of each tensor: host time matters for small calls)."""
+    cu = cu_seqlens.tolist()
+    return cu[:-1], ([end - start for start, end in zip(cu, cu[1:])] if seqused is None else seqused.tolist())
 
 
 class _Plan:
