@@ -156,12 +156,14 @@ def test_cpu_fused_dense_batch(gen, kernel_calls, dtype, lengths, mask, batch):
 
 @pytest.mark.parametrize("gather_below", [0, 1000], ids=["one-by-one", "gathered"])
 @pytest.mark.parametrize("mask", ROUTE_MASKS[:2], ids=str)
-def test_cpu_fused_unevenly_spaced_sequences(gen, kernel_calls, monkeypatch, gather_below, mask):
+@pytest.mark.parametrize("bias", [None, "bool", "additive", "keys"])
+def test_cpu_fused_unevenly_spaced_sequences(gen, kernel_calls, monkeypatch, gather_below, mask, bias):
     """Sequences of one length that do not lie evenly spaced: gathered into
-    one call, or called one by one on views (fused_cpu.GATHER_BELOW)."""
+    one call, or called one by one on views (fused_cpu.GATHER_BELOW); their
+    bias rows (per sequence or broadcast) with them."""
     monkeypatch.setattr(fused_cpu, "GATHER_BELOW", gather_below)
     lengths = [3, 70, 3, 0, 70, 3, 1, 65, 3, 70]
-    check(gen, torch.float32, "cpu", heads=(4, 1), head_dim=32, lengths=(lengths, lengths), **mask)
+    check(gen, torch.float32, "cpu", heads=(4, 1), head_dim=32, lengths=(lengths, lengths), bias=bias, **mask)
     shapes = len(set(n for n in lengths if n))  # 3, 70, 1, 65
     assert kernel_calls["forward"] == (shapes if gather_below else sum(1 for n in lengths if n))
 
@@ -212,6 +214,15 @@ def test_cpu_fused_bias_dense_and_fully_masked_rows(gen, kernel_calls):
         assert reference.lse_error(lse, expected_lse) <= LSE_TOLERANCE[torch.float32]
         assert torch.isinf(lse[:, 2]).all() and (torch.isinf(lse[:, 6 + 4]).all() == causal)
     assert kernel_calls["forward"] == 2
+
+
+def test_cpu_fused_bool_mask_within_the_workspace(gen, kernel_calls, monkeypatch):
+    """A bool mask becomes an additive one per call: past the math backend's
+    workspace, one call per sequence."""
+    monkeypatch.setattr(varattn.backends.math, "WORKSPACE_BYTES", 4 * 20 * 20 * 4)  # 4 masks of 20 x 20 fp32
+    lengths = ([20] * 5, [20] * 5)
+    check(gen, torch.float32, "cpu", bias="bool", lengths=lengths, causal=True)
+    assert kernel_calls["forward"] == 5
 
 
 @pytest.mark.parametrize("option", [dict(window=(3, 0)), dict(head_dim_v=24)], ids=str)

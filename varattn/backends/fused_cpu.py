@@ -195,20 +195,19 @@ class _Call:
         if self.mode == LOWER_RIGHT:
             hidden = torch.arange(keys)[None, :] > torch.arange(rows)[:, None] + (keys - rows)
             return torch.zeros(1, 1, rows, keys, dtype=params.dtype).masked_fill_(hidden, float("-inf"))
-        bias = params.attn_bias
+        bias = _compact(params.attn_bias)
         if bias is None:
             return None
-        s0, s1, s2, s3 = bias.stride()
-        step = _step([(b,) for b in self.batches], 0) if s0 else 0
-        if step is None:
-            view = bias.index_select(0, torch.tensor(self.batches))[:, :, self.skipped:self.skipped + rows, :keys]
-        else:
-            view = bias.as_strided((len(self.batches), bias.shape[1], rows, keys), (step * s0, s1, s2, s3),
-                                   bias.storage_offset() + self.batches[0] * s0 + self.skipped * s2)
-        view = view[tuple(slice(0, 1) if view.stride(d) == 0 else slice(None) for d in range(4))]  # broadcast dims
-        if view.dtype == torch.bool:
-            return torch.zeros(view.shape, dtype=params.dtype).masked_fill_(~view, float("-inf"))
-        return view.contiguous() if view.shape[3] > 1 and view.stride(3) != 1 else view
+        rows_at = slice(self.skipped, self.skipped + rows) if bias.shape[2] > 1 else slice(None)
+        bias = bias[:, :, rows_at, :keys]
+        if bias.shape[0] > 1:  # this call's sequences
+            batches = self.batches
+            step = _step([(b,) for b in batches], 0)
+            bias = (bias.index_select(0, torch.tensor(batches)) if step is None
+                    else bias[batches[0]:batches[-1] + 1:max(step, 1)])
+        if bias.dtype == torch.bool:
+            return torch.zeros(bias.shape, dtype=params.dtype).masked_fill_(~bias, float("-inf"))
+        return bias.contiguous() if bias.shape[3] > 1 and bias.stride(3) != 1 else bias
 
     def hide_unseen(self, made_lse, mask) -> None:
         """made_lse (G, H, rows) with -inf at the rows `mask` hides entirely
@@ -234,11 +233,31 @@ class _Call:
 GATHER_BELOW = 64
 
 
-def _calls(plan):
-    """The kernel calls of the plan."""
+def _compact(bias):
+    """attn_bias with the dimensions it broadcasts (zero strides) of size 1, as the kernel broadcasts them; or None."""
+    if bias is None:
+        return None
+    return bias[tuple(slice(0, 1) if bias.stride(d) == 0 else slice(None) for d in range(4))]
+
+
+def _mask_bytes(params, count: int, rows: int, keys: int) -> int:
+    """The bytes of the additive mask a call of `count` sequences makes of a bool attn_bias (else 0)."""
+    if params.bias_kind != "bool":
+        return 0
+    shape = _compact(params.attn_bias).shape
+    return ((count if shape[0] > 1 else 1) * shape[1] * (rows if shape[2] > 1 else 1) * (keys if shape[3] > 1 else 1)
+            * params.q.element_size())
+
+
+def _calls(plan, params):
+    """The kernel calls of the plan. A bool attn_bias becomes an additive mask
+    per call: a call whose mask would outgrow the math backend's workspace
+    (math.WORKSPACE_BYTES) is split into one call per sequence."""
+    from . import math as math_backend  # math imports math_cpu, which imports this module
     for (rows, keys, mode, skipped), starts in plan.groups.items():
-        if len(starts) > 1 and max(rows, keys) >= GATHER_BELOW and (_step(starts, 0) is None
-                                                                     or _step(starts, 1) is None):
+        if len(starts) > 1 and ((max(rows, keys) >= GATHER_BELOW and (_step(starts, 0) is None
+                                                                      or _step(starts, 1) is None))
+                                or _mask_bytes(params, len(starts), rows, keys) > math_backend.WORKSPACE_BYTES):
             for start in starts:
                 yield _Call(rows, keys, mode, skipped, [start])
         else:
@@ -252,14 +271,15 @@ def forward(params):
         return None
     plan = _Plan(params)
     q, k, v, scale = params.q, params.k, params.v, params.scale
-    whole = params.out is None and plan.whole(params)
+    calls = list(_calls(plan, params))
+    whole = params.out is None and len(calls) == 1 and plan.whole(params)
     if not whole:
         out, lse = params.new_out(), params.new_lse()
         if params.seqused_q is None:  # rows that see no key; new_out / new_lse set them with seqused
             for start, rows in plan.hidden:
                 out[start:start + rows] = 0
                 lse[:, start:start + rows] = float("-inf")
-    for call in _calls(plan):
+    for call in calls:
         mask = call.mask(params)
         made, made_lse = FORWARD(call.q.read(q), call.k.read(k), call.k.read(v), is_causal=call.mode == CAUSAL,
                                  attn_mask=mask, scale=scale)
@@ -281,10 +301,11 @@ def backward(params, out, lse, grad_out, bias_grad: bool):
         return None
     plan = _Plan(params)
     q, k, v, scale = params.q, params.k, params.v, params.scale
-    whole = plan.whole(params)
+    calls = list(_calls(plan, params))
+    whole = len(calls) == 1 and plan.whole(params)
     if not whole:
         dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype) for x in (q, k, v))
-    for call in _calls(plan):
+    for call in calls:
         call_lse = call.q.read_lse(lse)
         if params.attn_bias is not None:  # rows the mask hides entirely: lse 0 for the kernel, as it made them
             call_lse = call_lse.masked_fill(call_lse == float("-inf"), 0.0)
