@@ -1,8 +1,10 @@
 """The math backend: the reference and the fallback, on CPU (torch ops) and CUDA (kernels_cu/math.cu).
 
 It takes every dtype including fp64 and every feature the packed form has,
-forward and backward (deterministic: no atomics), dropout on the CPU only;
-it materialises scores for a chunk of query rows at a time within
+forward and backward (deterministic: no atomics), dropout on the CPU only.
+On the CPU, what torch's fused CPU attention can express runs through it
+(fused_cpu.py says what it declines); the rest, and everything on CUDA,
+materialises scores for a chunk of query rows at a time within
 WORKSPACE_BYTES, so memory stays bounded whatever the batch.
 """
 from __future__ import annotations
