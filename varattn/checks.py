@@ -178,26 +178,27 @@ def dropout(p) -> float:
     return value
 
 
-def attn_bias(bias, q, batch: int, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
+def attn_bias(bias, q, batch: int, max_seqlen_q: int, max_seqlen_k: int, name: str = "attn_bias") -> torch.Tensor:
     """Accepts (B or 1, H or 1, Mq, Mk), Mq >= max_seqlen_q or 1, likewise Mk;
-    returns a view broadcast (by zero strides) to (B, H, Mq', Mk')."""
-    tensor(bias, "attn_bias")
-    same_device(q, "q", bias, "attn_bias")
+    returns a view broadcast (by zero strides) to (B, H, Mq', Mk'). name: the
+    caller's name for it (attn_mask in the SDPA-style front ends)."""
+    tensor(bias, name)
+    same_device(q, "q", bias, name)
     if bias.dtype != torch.bool and bias.dtype != q.dtype:
-        raise TypeError(f"attn_bias must be bool (True = take part) or have q's dtype {q.dtype}, got {bias.dtype}")
+        raise TypeError(f"{name} must be bool (True = take part) or have q's dtype {q.dtype}, got {bias.dtype}")
     if bias.dim() != 4:
         raise ValueError(
-            f"attn_bias must be 4-D (batch or 1, heads or 1, query positions, key positions), got shape {tuple(bias.shape)}")
+            f"{name} must be 4-D (batch or 1, heads or 1, query positions, key positions), got shape {tuple(bias.shape)}")
     heads = q.shape[1]
     b, h, mq, mk = bias.shape
     expected = (("batch", b, batch), ("heads", h, heads))
     for what, got, want in expected:
         if got not in (1, want):
-            raise ValueError(f"attn_bias dimension 0/1 ({what}) must be 1 or {want}, got shape {tuple(bias.shape)}")
+            raise ValueError(f"{name} dimension 0/1 ({what}) must be 1 or {want}, got shape {tuple(bias.shape)}")
     for what, got, want in (("query", mq, max_seqlen_q), ("key", mk, max_seqlen_k)):
         if got != 1 and got < want:
             raise ValueError(
-                f"attn_bias has {got} {what} positions but the longest sequence has {want}; "
+                f"{name} has {got} {what} positions but the longest sequence has {want}; "
                 f"expected 1 (broadcast) or at least {want}")
     # Size-1 dimensions become zero strides, which is all the kernels look at.
     return bias.expand(batch, heads, mq if mq != 1 else max(1, max_seqlen_q),

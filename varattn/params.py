@@ -131,7 +131,7 @@ def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
     attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
-    requires_grad=None, out=None, memo=None, structure=None,
+    requires_grad=None, out=None, memo=None, structure=None, bias_name="attn_bias",
 ) -> AttentionParams:
     """Validate packed inputs (host-side) and describe the call.
 
@@ -140,7 +140,7 @@ def build_params(
     rows, read without autograd) passes `needs_grad` of the caller's.
     out: a (total_q, H, D_v) buffer of q's dtype and device for the forward to
     write into (a front end's output made ahead), or None. memo: see
-    AttentionParams.memo.
+    AttentionParams.memo. bias_name: the caller's name for attn_bias, in errors.
 
     structure: a key, made by the front end, of everything about the call
     but its tensors' addresses, row counts and lengths' contents: the
@@ -192,7 +192,7 @@ def build_params(
     dropout_p = checks.dropout(dropout_p)
     checks.flag(deterministic, "deterministic")
     if attn_bias is not None:
-        attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k)
+        attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k, bias_name)
     if requires_grad is None:
         requires_grad = needs_grad(q, k, v, attn_bias)
     params = AttentionParams(

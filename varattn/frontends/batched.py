@@ -81,28 +81,6 @@ def call(query, key, value, *, layout=None, lengths=None, kv_lengths=None, key_p
     elif any(kinds):
         kinds = ", ".join(f"{n}: {'NestedTensor' if f else 'dense'}" for n, f in zip(("query", "key", "value"), kinds))
         raise TypeError(f"query, key and value must be all NestedTensors or all dense tensors; got {kinds}")
-    try:
-        if all(kinds):
-            return nested.call(query, key, value, layout, attn_mask, options)
-        return padded.call(query, key, value, layout or "bhld", lengths, kv_lengths, key_padding_mask, attn_mask,
-                           options)
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        if message.startswith("attn_bias"):  # the packed checks' name for it (varlen_attention's)
-            raise type(error)("attn_mask" + message[len("attn_bias"):]) from None
-        raise
-    except RuntimeError:
-        if all(kinds):  # a strided NestedTensor of head dim 0 fails torch's reshape before the checks see it
-            _positive_head_dims(query, key, value)
-        raise
-
-
-def _positive_head_dims(query, key, value) -> None:
-    dims = []
-    for x in (query, key, value):
-        try:
-            dims.append(x.size(-1))
-        except RuntimeError:  # irregular: not this case
-            return
-    if 0 in dims:
-        raise ValueError(f"head_dim must be positive, got query {dims[0]}, key {dims[1]} and value {dims[2]}") from None
+    if all(kinds):
+        return nested.call(query, key, value, layout, attn_mask, options)
+    return padded.call(query, key, value, layout or "bhld", lengths, kv_lengths, key_padding_mask, attn_mask, options)

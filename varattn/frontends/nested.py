@@ -365,7 +365,7 @@ class StridedSide:
         if template is None:
             return None
         made = torch.empty_like(template, dtype=dtype, device=device)
-        return made.values().view(-1, *features), made
+        return made.values().view(self.layout.rows, *features), made
 
     def nested(self, rows: torch.Tensor):
         """A NestedTensor of this structure holding packed `rows` (rows, *features)."""
@@ -492,7 +492,8 @@ def call(query, key, value, layout, attn_mask, options):
     try:
         params = params_.build_params(
             q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
-            seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, requires_grad=requires_grad,
+            seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, bias_name="attn_mask",
+            requires_grad=requires_grad,
             out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
             structure=None if attn_mask is not None else ragged.structure(q, k, v.values, requires_grad, options),
             **options)

@@ -185,7 +185,7 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
         rows_v = merged(v)
     params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
                                   rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
-                                  requires_grad=requires_grad,
+                                  bias_name="attn_mask", requires_grad=requires_grad,
                                   memo=ragged.memo(rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused),
                                   structure=None if attn_mask is not None else ragged.structure(rq, rk, rows_v,
                                                                                                 requires_grad, options),
