@@ -3,7 +3,7 @@
 // dropout, fp32 and head dims up to 256 (efficient_fwd.cu), from the saved
 // LSE with the probabilities recomputed; memory O(total tokens) plus dbias.
 //
-// First the preprocess flash_bwd_delta (flash_bwd_common.cuh): delta =
+// First the preprocess flash_bwd_delta (bwd_delta.cuh): delta =
 // rowsum(dO * O) - dLSE. Then the main pass, flash_bwd.cu's algorithm, per
 // CTA = (key tile of 64 keys, key/value head, sequence, column block), K and
 // V resident in shared memory; for every query head of the group and every
@@ -40,8 +40,12 @@
 // BLOCK_M 64, except fp32 past head dim 128: 32, so that the 4-byte K, V,
 // Q and dO tiles fit in shared memory (217 KB at head dim 256: sm_90 only;
 // the host declines what the device cannot hold).
-#include "flash_bwd_common.cuh"
+#include "block_ranges.cuh"
+#include "bwd_delta.cuh"
 #include "efficient_common.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
+#include "tile_io.cuh"
 #include "operands.cuh"
 #include "tma.cuh"
 

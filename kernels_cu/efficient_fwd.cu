@@ -6,7 +6,7 @@
 //
 // The algorithm is flash_fwd.cu's, per CTA = (query tile of BLOCK_M rows,
 // head, sequence), over the key tiles some query of the tile may see, with
-// the same plan, grid and tile order (flash_common.cuh):
+// the same plan, grid and tile order (tile_plan.cuh, block_ranges.cuh):
 //   1. S = Q K^T on tensor cores (operands.cuh: mma.sync m16n8k16 for fp16
 //      and bf16, m16n8k8 on TF32 for fp32, split in three for fp32 accuracy
 //      unless allow_tf32).
@@ -37,7 +37,10 @@
 //   fp32:         64 x 32 at every head dim: shared memory holds 4-byte
 //                 elements (133 KB at head dim 256), and three-pass
 //                 operands double the fragments.
-#include "flash_common.cuh"
+#include "block_ranges.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
+#include "tile_io.cuh"
 #include "efficient_common.cuh"
 #include "operands.cuh"
 

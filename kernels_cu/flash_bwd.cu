@@ -1,7 +1,7 @@
 // flash_bwd.cu — the flash backend's backward on tensor cores (mma.sync,
 // sm80+): dQ, dK and dV from the saved LSE, probabilities recomputed.
 //
-// First a preprocess, flash_bwd_delta (flash_bwd_common.cuh): delta =
+// First a preprocess, flash_bwd_delta (bwd_delta.cuh): delta =
 // rowsum(dO * O) - dLSE per query row and head.
 //
 // Then the main pass, per CTA = (key tile of BLOCK_N = 64 keys, key/value
@@ -44,7 +44,11 @@
 // 9.3 ms). Measured (H100, bf16, head_dim 128, backward alone): dQ by
 // atomics W1 8.7 ms, W2 4.8 ms; by bulk reductions 5.6 / 3.1 ms (193 / 172
 // TFLOP/s counting 2.5x the forward's FLOPs; without any dQ writes 4.6 ms).
-#include "flash_bwd_common.cuh"
+#include "block_ranges.cuh"
+#include "bwd_delta.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
+#include "tile_io.cuh"
 #include "tma.cuh"
 
 #define BWD_THREADS 128
@@ -55,22 +59,6 @@ __device__ __forceinline__ int load_acquire(const int* at) {
     int value;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(at) : "memory");
     return value;
-}
-
-// Hand each pair of this thread's dQ elements (a warp's 16 rows x head_dim,
-// mma layout), scaled, to add(address, x, y), in the first `rows` rows.
-template <int D_BLOCKS, typename Add>
-__device__ __forceinline__ void add_dq(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride, int rows,
-                                       float scale, Add add) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = lane / 4 + 8 * r;
-        if (row >= rows) continue;
-#pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j)
-            add(dq_rows + row * row_stride + 8 * j + 2 * (lane % 4), dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-    }
 }
 
 template <typename T, int HEAD_DIM, bool DETERMINISTIC>

@@ -48,7 +48,9 @@
 // quarter of the loop's instructions) and a division per step; about 2.3 ms
 // as above (W1 forward + backward 4.60 -> 3.79 ms; some 430 TFLOP/s
 // counting the backward as 2.5x the forward's FLOPs).
-#include "flash_bwd_common.cuh"
+#include "block_ranges.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 

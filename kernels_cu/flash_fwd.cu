@@ -14,7 +14,7 @@
 //   3. O / l and lse = scale * m + ln l written once; a row that sees no key
 //      writes 0 and -inf.
 //
-// Work distribution (flash_common.cuh): flash_plan (one small CTA) orders the
+// Work distribution (tile_plan.cuh): flash_plan (one small CTA) orders the
 // sequences by key length, longest first, and lays out their query tiles in
 // that order, last tile (the costliest under a causal mask) of each sequence
 // first. The 1-D grid covers an upper bound of the tile count known on the
@@ -40,7 +40,10 @@
 // kernel is faster (W1: 311 against 264 TFLOP/s), so sm_90a uses it there.
 // Shared rows are padded by 16 bytes, so ldmatrix's eight row addresses fall
 // in distinct banks for every head dim without a swizzle.
-#include "flash_common.cuh"
+#include "block_ranges.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
+#include "tile_io.cuh"
 
 #define FLASH_THREADS 128
 #define FLASH_WARPS 4

@@ -14,16 +14,16 @@
 //     the tensor cores from 128-byte-swizzled shared memory (m64nBLOCK_Nk16),
 //     issued together with O += P(i-1) V(i-1) (P from registers, V read
 //     MN-major, m64nHEAD_DIMk16); the masks and online softmax of S(i)
-//     (flash_common.cuh) run on the CUDA cores while the tensor cores finish
+//     (block_ranges.cuh, softmax.cuh) run on the CUDA cores while the tensor cores finish
 //     P(i-1) V(i-1); each warp releases K(i) and V(i-1) once its wgmma reads
 //     are done. No CTA-wide barrier in the loop. Two warpgroups take turns
 //     at issuing their products (two named barriers), so that the tensor
 //     cores run one's while the other computes its softmax; measured on the
 //     H200 (forward alone, CUDA events) W1 1.20 -> 1.11 ms, W4 1.05 -> 0.92.
-//   Then O / l and the LSE, once (flash_common.cuh: write_rows).
+//   Then O / l and the LSE, once (epilogues.cuh: write_rows).
 // Copies bring whole tiles, so rows past a sequence's end hold other data;
 // the masks hide them from S, and the last V tile's are zeroed before P V.
-// Tile plan, tile skipping under masks and the grid: flash_common.cuh.
+// Tile plan, tile skipping under masks and the grid: tile_plan.cuh, block_ranges.cuh.
 //
 // Tiles (BLOCK_M = 64 x WARPGROUPS; shared memory = Q + 2 K + 3 V tiles + 1 KB
 // for alignment; nvcc 13.0 -Xptxas -v, no spills; registers at entry, then
@@ -36,7 +36,9 @@
 // Measured (H100, bf16, DESIGN.md's workloads): cp.async by all threads with
 // one CTA barrier per tile, W1 293-326 TFLOP/s; this producer/consumer split,
 // 371 (backends/flash.py has the per-head-dim comparison).
-#include "flash_common.cuh"
+#include "block_ranges.cuh"
+#include "epilogues.cuh"
+#include "softmax.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 

@@ -3,7 +3,7 @@
 // and fp32.
 //
 // Products are built from m16n8 blocks with fp32 accumulators in mma.sync's
-// layout (flash_common.cuh: a thread holds rows g = lane / 4 and g + 8 and
+// layout (block_ranges.cuh: a thread holds rows g = lane / 4 and g + 8 and
 // columns 2t and 2t + 1, t = lane % 4, of each 8-column block). An A operand
 // covers 16 rows x K_STEP, a B operand 16 columns (two blocks) x K_STEP. Tiles
 // in shared memory are row-major, rows padded by 16 bytes (PaddedRows), and

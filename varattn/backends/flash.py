@@ -215,7 +215,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     if params.total_q == 0 or params.total_k == 0 or batch == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), dk.zero_(), dv.zero_(), None
     main = _backward_kernel(params, grad_out)
-    # Query-tile slots per head (kernels_cu/flash_bwd_common.cuh: query_tile_slot).
+    # Query-tile slots per head (kernels_cu/bwd_params.cuh: query_tile_slot).
     tiles_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
     accum_shape = (params.num_heads * tiles_per_head * BACKWARD_BLOCK * params.head_dim,) if main.dq_name else q.shape
     dq_accum = torch.zeros(accum_shape, dtype=torch.float32, device=device)

@@ -2,7 +2,7 @@
 tile plan, the row alignment their 16-byte loads need, and the backward's
 parameter struct.
 
-The plan (kernels_cu/flash_common.cuh: flash_plan) orders the sequences
+The plan (kernels_cu/tile_plan.cuh: flash_plan) orders the sequences
 longest first and lays their tiles out in that order, on the device, so the
 host never reads the lengths: a grid of `tiles_upper_bound()` tiles per head
 covers any lengths, and CTAs past the last tile exit.
@@ -13,7 +13,7 @@ import torch
 
 from ..cuda import loader
 
-PLAN_THREADS = 256  # kernels_cu/flash_common.cuh: PLAN_THREADS
+PLAN_THREADS = 256  # kernels_cu/tile_plan.cuh: PLAN_THREADS
 DELTA_THREADS = 256  # the backward's delta kernels: a warp per query row
 
 

@@ -53,7 +53,7 @@ ATTN_PARAMS = Struct("AttnParams", "attn_params.cuh", (
     ("window_left", "i"), ("window_right", "i"),
 ))
 
-BWD_PARAMS = Struct("BwdParams", "flash_bwd_common.cuh", (
+BWD_PARAMS = Struct("BwdParams", "bwd_params.cuh", (
     ("dout", "Q"), ("dq_accum", "Q"), ("dk", "Q"), ("dv", "Q"), ("delta", "Q"), ("dlse", "Q"), ("dq_turns", "Q"),
     ("dout_row_stride", "q"), ("dout_head_stride", "q"), ("tiles_per_head", "q"),
 ))

@@ -1,0 +1,52 @@
+// epilogues.cuh — what the kernels write once a tile is done, from the
+// accumulators in registers (block_ranges.cuh's layout): the forward's
+// output rows and LSE, and the backward's dQ additions.
+#pragma once
+#include "block_ranges.cuh"
+#include "bwd_params.cuh"
+#include "dtypes.cuh"
+#include "mma.cuh"
+
+// O * out_scale / l and lse = lse_scale * max + ln l for this thread's two
+// rows (query first_row and first_row + 8), in the first `columns` columns;
+// rows past the sequence are not written, nor lse when the caller needs none
+// (p.lse null). lse_scale: what turns the running max into scores (p.scale
+// where the softmax folds the scale in).
+template <typename T, int D_BLOCKS>
+__device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile& t, int first_row,
+                                           const float (&o)[D_BLOCKS * 4], const float (&row_max)[2],
+                                           float (&row_sum)[2], float lse_scale, float out_scale = 1.f,
+                                           int columns = D_BLOCKS * 8) {
+    const int lane = threadIdx.x % 32;
+    float* lse = p.lse ? (float*)p.lse + t.h * p.total_q + t.queries.start : nullptr;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int i = first_row + 8 * r;
+        if (i >= t.queries.len) continue;
+        const float inv_sum = sum > 0.f ? out_scale / sum : 0.f;
+        T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + t.h * p.out_head_stride;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j)
+            if (8 * j < columns) store2<T>(out + 8 * j + 2 * (lane % 4), o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+        if (lse && lane % 4 == 0) lse[i] = sum > 0.f ? row_max[r] * lse_scale + __logf(sum) : neg_inf<float>();
+    }
+}
+
+// Hand each pair of this thread's dQ elements (a warp's 16 rows x head_dim,
+// mma layout), scaled, to add(address, x, y), in the first `rows` rows.
+template <int D_BLOCKS, typename Add>
+__device__ __forceinline__ void add_dq(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride, int rows,
+                                       float scale, Add add) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = lane / 4 + 8 * r;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j)
+            add(dq_rows + row * row_stride + 8 * j + 2 * (lane % 4), dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+    }
+}

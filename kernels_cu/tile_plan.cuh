@@ -1,0 +1,72 @@
+// tile_plan.cuh — the plan every tiled kernel (flash, efficient; forward and
+// backward) works through: sequences ordered longest first and their tiles
+// laid out in that order, on the device.
+#pragma once
+#include "attn_params.cuh"
+#include "varlen.cuh"
+
+#define PLAN_THREADS 256
+#define PLAN_BUCKETS 32
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The plan: sequences ordered by key length, longest first (a counting sort on
+// floor(log2 Lk)), and their query tiles laid out in that order. order[pos] is
+// the sequence processed pos-th, tile_offsets[pos] its first tile. The forward
+// grid covers ceil(total_q / BLOCK_M) + batch tiles (an upper bound the host
+// knows without a sync) times heads; CTAs past tile_offsets[batch] exit.
+
+__device__ __forceinline__ int length_bucket(const AttnParams& p, int b) {
+    const int len = key_span(p, b).len;
+    return len > 1 ? __clz(len) : PLAN_BUCKETS - 1;  // bucket 0: the longest
+}
+
+// Inclusive prefix sum over the block; every thread must call it.
+__device__ int block_inclusive_scan(int x, int* warp_totals) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int d = 1; d < 32; d *= 2) {
+        const int y = __shfl_up_sync(0xffffffffu, x, d);
+        if (lane >= d) x += y;
+    }
+    if (lane == 31) warp_totals[warp] = x;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) x += warp_totals[w];
+    __syncthreads();
+    return x;
+}
+
+// BY_KEYS: tiles of the keys instead (the backward's CTAs own key tiles).
+template <int BLOCK_M, bool BY_KEYS = false>
+__global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, int* order, int* tile_offsets) {
+    __shared__ int bucket_next[PLAN_BUCKETS];
+    __shared__ int warp_totals[PLAN_THREADS / 32];
+    __shared__ int chunk_total;
+    if (threadIdx.x < PLAN_BUCKETS) bucket_next[threadIdx.x] = 0;
+    __syncthreads();
+    for (int b = threadIdx.x; b < p.batch; b += PLAN_THREADS) atomicAdd(&bucket_next[length_bucket(p, b)], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int at = 0;
+        for (int i = 0; i < PLAN_BUCKETS; ++i) {
+            const int count = bucket_next[i];
+            bucket_next[i] = at;
+            at += count;
+        }
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < p.batch; b += PLAN_THREADS) order[atomicAdd(&bucket_next[length_bucket(p, b)], 1)] = b;
+    __syncthreads();
+
+    int carried = 0;
+    if (threadIdx.x == 0) tile_offsets[0] = 0;
+    for (int first = 0; first < p.batch; first += PLAN_THREADS) {
+        const int pos = first + threadIdx.x;
+        const int tiles = pos < p.batch ? ceil_div(BY_KEYS ? key_span(p, order[pos]).len : query_span(p, order[pos]).len, BLOCK_M) : 0;
+        const int inclusive = block_inclusive_scan(tiles, warp_totals);
+        if (pos < p.batch) tile_offsets[pos + 1] = carried + inclusive;
+        if (threadIdx.x == PLAN_THREADS - 1) chunk_total = inclusive;
+        __syncthreads();
+        carried += chunk_total;
+        __syncthreads();
+    }
+}
