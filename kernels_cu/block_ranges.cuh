@@ -16,8 +16,8 @@ __device__ __forceinline__ bool right_bound(const AttnParams& p, long long& righ
     return p.causal || p.window_right >= 0;
 }
 
-// One CTA's work: query rows [m0, m0 + BLOCK_M) of sequence b, head h, and the
-// key tiles [first_tile, end_tile) some of its rows may see.
+// One work item of the plan: query rows [m0, m0 + BLOCK_M) of sequence b,
+// head h, and the key tiles [first_tile, end_tile) some of its rows may see.
 struct FlashTile {
     int b, h, h_kv, m0, last_row;  // last_row: the tile's last query row that exists
     SeqSpan queries, keys;
@@ -28,10 +28,10 @@ struct FlashTile {
 };
 
 template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* order, const int* tile_offsets,
+__device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* order, const int* tile_offsets, int work,
                                             FlashTile& t) {
-    t.h = blockIdx.x % p.heads;
-    const int tile = blockIdx.x / p.heads;
+    t.h = work % p.heads;
+    const int tile = work / p.heads;
     if (tile >= tile_offsets[p.batch]) return false;
     int pos = 0;
     for (int hi = p.batch; hi - pos > 1;) {  // the last pos with tile_offsets[pos] <= tile

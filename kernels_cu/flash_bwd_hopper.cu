@@ -39,15 +39,15 @@
 // of Q and dO (16 KB each; a third stage measured no faster), two dS^T
 // buffers (16 KB each: one warpgroup may start the next tile while the other
 // still reads the last dS), dQ staging (16 KB per warpgroup), lse and delta:
-// 194 KB, one CTA per SM. Registers (nvcc 13.0 -Xptxas -v): the 168 of the
-// launch, 240 for the consumers after setmaxnreg, no spills; no wgmma
-// serialisation.
-// Measured (H200, bf16, W1 main pass): 3.50 ms with S^T and dP^T in one
-// group and dQ staged after every wgmma; 3.07 ms with one select per
-// element masked or not (its branches and convergence barriers took a
-// quarter of the loop's instructions) and a division per step; about 2.3 ms
-// as above (W1 forward + backward 4.60 -> 3.79 ms; some 430 TFLOP/s
-// counting the backward as 2.5x the forward's FLOPs).
+// 194 KB, one CTA per SM. Masked elements take a select, not a branch: the
+// branches and their convergence barriers cost a quarter of the loop's
+// instructions. "registers" below is the launch's cap; after setmaxnreg the
+// consumers have 240.
+// resources: NVRTC 13.5, sm_90a, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                       registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_bwd_hopper<bf16_t, 128>        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 128>        168               0 / 0 B    0 B  48 B + 194.0 KB
+// end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
 #include "softmax.cuh"

@@ -63,7 +63,7 @@ flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
     unsigned char* v_tile = k_tile + BLOCK_N * ROW_BYTES;
 
     FlashTile t;
-    if (!locate_tile<BLOCK_M, BLOCK_N>(p, order, tile_offsets, t)) return;
+    if (!locate_tile<BLOCK_M, BLOCK_N>(p, order, tile_offsets, blockIdx.x, t)) return;
     const T* q = (const T*)p.q + t.queries.start * p.q_row_stride + t.h * p.q_head_stride;
     const T* k = (const T*)p.k + t.keys.start * p.k_row_stride + t.h_kv * p.k_head_stride;
     const T* v = (const T*)p.v + t.keys.start * p.v_row_stride + t.h_kv * p.v_head_stride;

@@ -1,106 +1,159 @@
 // flash_fwd_hopper.cu — the flash forward on Hopper (sm_90a): the algorithm
 // of flash_fwd.cu, with warpgroup matrix instructions (wgmma) in place of
-// mma.sync and the copy engine (TMA) in place of cp.async, for head dims 64,
-// 128 and 256.
+// mma.sync and the copy engine (TMA) in place of cp.async, for head dims 32,
+// 64, 96, 128, 192 and 256.
 //
-// Per CTA = (query tile of 64 x WARPGROUPS rows, head, sequence): WARPGROUPS
-// consumer warpgroups of 64 query rows each, and one producer warpgroup.
-//   Producer: one thread issues the bulk copies: the Q tile once, then each K
-//     and V tile (2 K and 3 V buffers) as soon as every consumer warp has
-//     released the buffer it goes into; copies complete on mbarriers. Its
-//     warpgroup keeps 24 registers and gives the rest to the consumers
+// A persistent grid: each CTA takes tiles of the plan (tile_plan.cuh) in
+// turn, tile c, c + gridDim.x, ...; a tile = 64 x WARPGROUPS query rows of
+// one head and sequence. WARPGROUPS consumer warpgroups of 64 query rows
+// each, and one producer warpgroup.
+//   Producer: one thread issues the bulk copies: a tile's Q once its buffer
+//     is free, then each K and V tile (2 K and 3 V buffers, in use across
+//     tiles) as soon as every consumer warp has released the buffer it goes
+//     into; copies complete on mbarriers. So the next tile's Q and first K
+//     and V arrive while the consumers finish a tile and write its output.
+//     Its warpgroup keeps 24 registers and gives the rest to the consumers
 //     (setmaxnreg), so they hold S, P and O without spilling.
 //   Consumers, per key tile i: S(i) = Q K(i)^T with both operands read by
 //     the tensor cores from 128-byte-swizzled shared memory (m64nBLOCK_Nk16),
 //     issued together with O += P(i-1) V(i-1) (P from registers, V read
-//     MN-major, m64nHEAD_DIMk16); the masks and online softmax of S(i)
+//     MN-major, m64nPV_Nk16); the masks and online softmax of S(i)
 //     (block_ranges.cuh, softmax.cuh) run on the CUDA cores while the tensor cores finish
 //     P(i-1) V(i-1); each warp releases K(i) and V(i-1) once its wgmma reads
 //     are done. No CTA-wide barrier in the loop. Two warpgroups take turns
 //     at issuing their products (two named barriers), so that the tensor
-//     cores run one's while the other computes its softmax; measured on the
-//     H200 (forward alone, CUDA events) W1 1.20 -> 1.11 ms, W4 1.05 -> 0.92.
+//     cores run one's while the other computes its softmax.
 //   Then O / l and the LSE, once (epilogues.cuh: write_rows).
 // Copies bring whole tiles, so rows past a sequence's end hold other data;
 // the masks hide them from S, and the last V tile's are zeroed before P V.
-// Tile plan, tile skipping under masks and the grid: tile_plan.cuh, block_ranges.cuh.
+// Head dims that are not a multiple of 64 (32, 96) fill their last swizzle
+// atom's columns with the copy engine's zeros: S reads head_dim's columns
+// only, P V runs over whole atoms (PV_N), and only head_dim columns are
+// written.
 //
-// Tiles (BLOCK_M = 64 x WARPGROUPS; shared memory = Q + 2 K + 3 V tiles + 1 KB
-// for alignment; nvcc 13.0 -Xptxas -v, no spills; registers at entry, then
-// per consumer thread after setmaxnreg):
-//   head_dim  64:  1 consumer warpgroup,  BLOCK_N 64    S 32 + O 32 fp32/thread, 128 -> 232, 49 KB, 2 CTAs/SM
-//   head_dim 128:  2 consumer warpgroups, BLOCK_N 128   S 64 + O 64,              168 -> 240, 193 KB
-//   head_dim 256:  2 consumer warpgroups, BLOCK_N 64    S 32 + O 128,             168 -> 240, 225 KB
-// (one consumer warpgroup at head_dim 256 does not build: ptxas wants 158
-// registers at the m64n256 instruction, above the 128 of two CTAs per SM.)
-// Measured (H100, bf16, DESIGN.md's workloads): cp.async by all threads with
-// one CTA barrier per tile, W1 293-326 TFLOP/s; this producer/consumer split,
-// 371 (backends/flash.py has the per-head-dim comparison).
+// Tiles (BLOCK_M = 64 x WARPGROUPS; shared memory = Q + 2 K + 3 V tiles of
+// whole atoms + 1 KB for alignment; 2 / WARPGROUPS CTAs per SM), chosen by
+// timing the candidates on the H200 (CHANGELOG has the numbers):
+//   head_dim  32:  1 consumer warpgroup,  BLOCK_N 128  (64 measured the same)
+//   head_dim  64:  1 consumer warpgroup,  BLOCK_N 64   (two warpgroups x 128 slower)
+//   head_dim  96:  2 consumer warpgroups, BLOCK_N 128  (176, two V buffers, slower)
+//   head_dim 128:  2 consumer warpgroups, BLOCK_N 128  (176 no faster on W1, slower on short sequences)
+//   head_dim 192:  2 consumer warpgroups, BLOCK_N 64   (128 does not fit the shared memory)
+//   head_dim 256:  2 consumer warpgroups, BLOCK_N 64   (likewise)
+//   192, D_v 128:  2 consumer warpgroups, BLOCK_N 64   (128 with two V buffers measured the same)
+// The largest S that fits beside O in the consumers' registers; one
+// warpgroup where two CTAs then share an SM (short sequences keep it busy).
+// At head_dim 256 one consumer warpgroup does not build (ptxas wants 158
+// registers at the m64n256 instruction, above the 128 of two CTAs per SM).
+// "registers" below is the launch's cap (65536 over the CTAs of an SM);
+// after setmaxnreg the consumers have up to 240, the producer 24.
+// resources: NVRTC 13.5, sm_90a, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                                    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 64, 1>           128               0 / 0 B    0 B  96 B + 49.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>         168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2>         168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 64, 1>           128               0 / 0 B    0 B  96 B + 49.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2>         168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2>         168               0 / 0 B    0 B  96 B + 225.0 KB
+// end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
 #include "softmax.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
-// Where a CTA's tiles and barriers live in shared memory. Tile i of the key
-// tiles a CTA visits (counted from 0) uses K buffer i % 2 and V buffer i % 3;
-// its j-th use of a buffer (j = i / buffers) completes phase j of the
-// buffer's "full" barrier (the copy landed) and of its "free" barrier (every
-// consumer warp is done reading it).
-template <int HEAD_DIM, int BLOCK_N, int WARPGROUPS>
+// Where a CTA's tiles and barriers live in shared memory. A CTA works
+// through several tiles (the persistent loop below) and counts the key tiles
+// it has visited over all of them: its g-th key tile (from 0) uses K buffer
+// g % 2 and V buffer g % 3, and its j-th use of a buffer (j = g / buffers)
+// completes phase j of the buffer's "full" barrier (the copy landed) and of
+// its "free" barrier (every consumer warp is done reading it). The Q tile has
+// one buffer, its u-th load completing phase u of q_full and q_free.
+// Head dims that are not a multiple of 64 take whole swizzle atoms: the copy
+// engine fills the columns past head_dim with zeros, S reads only head_dim's
+// columns, and P V runs over the atoms' width (PV_N).
+template <int HEAD_DIM_, int HEAD_DIM_V_, int BLOCK_N_, int WARPGROUPS_>
 struct HopperShared {
+    static constexpr int HEAD_DIM = HEAD_DIM_, HEAD_DIM_V = HEAD_DIM_V_, BLOCK_N = BLOCK_N_;
+    static constexpr int WARPGROUPS = WARPGROUPS_, K_BUFFERS = 2, V_BUFFERS = 3;
     static constexpr int BLOCK_M = 64 * WARPGROUPS, CONSUMERS = 128 * WARPGROUPS;
-    static constexpr int ATOMS = HEAD_DIM / 64;  // 64-column swizzle atoms, one copy each
-    static constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2, KV_BYTES = BLOCK_N * HEAD_DIM * 2;
-    static constexpr int K_BUFFERS = 2, V_BUFFERS = 3;
+    // 64-column swizzle atoms of Q and K, and of V, one copy each
+    static constexpr int ATOMS = (HEAD_DIM + 63) / 64, ATOMS_V = (HEAD_DIM_V + 63) / 64;
+    static constexpr int PV_N = 64 * ATOMS_V;
+    static constexpr int Q_BYTES = BLOCK_M * ATOMS * 128, K_BYTES = BLOCK_N * ATOMS * 128;
+    static constexpr int V_BYTES = BLOCK_N * ATOMS_V * 128;
     unsigned q, barriers;  // shared-space addresses: Q tile (1024-aligned), then K and V buffers; barriers
 
-    __device__ unsigned k(int i) const { return q + Q_BYTES + (i % K_BUFFERS) * KV_BYTES; }
-    __device__ unsigned v(int i) const { return q + Q_BYTES + (K_BUFFERS + i % V_BUFFERS) * KV_BYTES; }
+    __device__ unsigned k(int g) const { return q + Q_BYTES + (g % K_BUFFERS) * K_BYTES; }
+    __device__ unsigned v(int g) const { return q + Q_BYTES + K_BUFFERS * K_BYTES + (g % V_BUFFERS) * V_BYTES; }
     __device__ unsigned q_full() const { return barriers; }
-    __device__ unsigned k_full(int i) const { return barriers + 8 * (1 + i % K_BUFFERS); }
-    __device__ unsigned k_free(int i) const { return barriers + 8 * (1 + K_BUFFERS + i % K_BUFFERS); }
-    __device__ unsigned v_full(int i) const { return barriers + 8 * (1 + 2 * K_BUFFERS + i % V_BUFFERS); }
-    __device__ unsigned v_free(int i) const { return barriers + 8 * (1 + 2 * K_BUFFERS + V_BUFFERS + i % V_BUFFERS); }
-    static constexpr int BARRIERS = 1 + 2 * K_BUFFERS + 2 * V_BUFFERS;
+    __device__ unsigned q_free() const { return barriers + 8; }
+    __device__ unsigned k_full(int g) const { return barriers + 8 * (2 + g % K_BUFFERS); }
+    __device__ unsigned k_free(int g) const { return barriers + 8 * (2 + K_BUFFERS + g % K_BUFFERS); }
+    __device__ unsigned v_full(int g) const { return barriers + 8 * (2 + 2 * K_BUFFERS + g % V_BUFFERS); }
+    __device__ unsigned v_free(int g) const { return barriers + 8 * (2 + 2 * K_BUFFERS + V_BUFFERS + g % V_BUFFERS); }
+    static constexpr int BARRIERS = 2 + 2 * K_BUFFERS + 2 * V_BUFFERS;
 
     __device__ void init() const {
         mbarrier_init(q_full(), 1);
+        mbarrier_init(q_free(), CONSUMERS / 32);
         for (int i = 0; i < K_BUFFERS; ++i) mbarrier_init(k_full(i), 1), mbarrier_init(k_free(i), CONSUMERS / 32);
         for (int i = 0; i < V_BUFFERS; ++i) mbarrier_init(v_full(i), 1), mbarrier_init(v_free(i), CONSUMERS / 32);
         mbarrier_init_fence();
     }
 };
 
-// The producer: one thread copies Q, then each K and V tile as soon as the
-// consumers have freed its buffer.
-template <int HEAD_DIM, int BLOCK_N, int WARPGROUPS>
-__device__ __forceinline__ void produce(const FlashTile& t, const HopperShared<HEAD_DIM, BLOCK_N, WARPGROUPS>& sm,
+// How many Q tiles and key tiles a CTA has gone through before its current
+// tile: the buffers and barrier phases continue from there.
+struct Visited {
+    int q_tiles = 0, key_tiles = 0;
+
+    __device__ void add(const FlashTile& t) {
+        const int tiles = t.end_tile - t.first_tile;
+        q_tiles += tiles > 0;
+        key_tiles += tiles;
+    }
+};
+
+// The producer: one thread copies Q once its buffer is free, then each K and
+// V tile as soon as the consumers have freed its buffer; the next tile's
+// copies start while the consumers finish the current one.
+template <typename S>
+__device__ __forceinline__ void produce(const FlashTile& t, const Visited& seen, const S& sm,
                                         const TensorMap& tma_q, const TensorMap& tma_k, const TensorMap& tma_v) {
-    using S = HopperShared<HEAD_DIM, BLOCK_N, WARPGROUPS>;
+    constexpr int BLOCK_N = S::BLOCK_N;
     const int tiles = t.end_tile - t.first_tile;
     const int q_row = t.queries.start + t.m0, k_row = t.keys.start + t.first_tile * BLOCK_N;
+    if (seen.q_tiles > 0) mbarrier_wait(sm.q_free(), (seen.q_tiles - 1) & 1);
     mbarrier_expect_bytes(sm.q_full(), S::Q_BYTES);
     for (int a = 0; a < S::ATOMS; ++a) tma_load(sm.q + a * S::BLOCK_M * 128, tma_q, 64 * a, t.h, q_row, sm.q_full());
     for (int i = 0; i < tiles; ++i) {
-        if (i >= S::K_BUFFERS) mbarrier_wait(sm.k_free(i), (i / S::K_BUFFERS - 1) & 1);
-        mbarrier_expect_bytes(sm.k_full(i), S::KV_BYTES);
+        const int g = seen.key_tiles + i;
+        if (g >= S::K_BUFFERS) mbarrier_wait(sm.k_free(g), (g / S::K_BUFFERS - 1) & 1);
+        mbarrier_expect_bytes(sm.k_full(g), S::K_BYTES);
         for (int a = 0; a < S::ATOMS; ++a)
-            tma_load(sm.k(i) + a * BLOCK_N * 128, tma_k, 64 * a, t.h_kv, k_row + i * BLOCK_N, sm.k_full(i));
-        if (i >= S::V_BUFFERS) mbarrier_wait(sm.v_free(i), (i / S::V_BUFFERS - 1) & 1);
-        mbarrier_expect_bytes(sm.v_full(i), S::KV_BYTES);
-        for (int a = 0; a < S::ATOMS; ++a)
-            tma_load(sm.v(i) + a * BLOCK_N * 128, tma_v, 64 * a, t.h_kv, k_row + i * BLOCK_N, sm.v_full(i));
+            tma_load(sm.k(g) + a * BLOCK_N * 128, tma_k, 64 * a, t.h_kv, k_row + i * BLOCK_N, sm.k_full(g));
+        if (g >= S::V_BUFFERS) mbarrier_wait(sm.v_free(g), (g / S::V_BUFFERS - 1) & 1);
+        mbarrier_expect_bytes(sm.v_full(g), S::V_BYTES);
+        for (int a = 0; a < S::ATOMS_V; ++a)
+            tma_load(sm.v(g) + a * BLOCK_N * 128, tma_v, 64 * a, t.h_kv, k_row + i * BLOCK_N, sm.v_full(g));
     }
 }
 
 // A consumer warpgroup: its 64 query rows against every key tile, then the output.
-template <typename T, int HEAD_DIM, int BLOCK_N, int WARPGROUPS>
-__device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
-                                        const HopperShared<HEAD_DIM, BLOCK_N, WARPGROUPS>& sm) {
-    using S = HopperShared<HEAD_DIM, BLOCK_N, WARPGROUPS>;
-    constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = HEAD_DIM / 8;
-    const int tiles = t.end_tile - t.first_tile;
+template <typename T, typename S>
+__device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t, const Visited& seen, const S& sm) {
+    constexpr int HEAD_DIM = S::HEAD_DIM, BLOCK_N = S::BLOCK_N, WARPGROUPS = S::WARPGROUPS;
+    constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = S::PV_N / 8;
+    const int tiles = t.end_tile - t.first_tile, g0 = seen.key_tiles;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = warp / 4;
     const int first_row = t.m0 + 64 * group + 16 * (warp % 4) + lane / 4;
     const float scale_log2 = (float)p.scale * LOG2_E;
@@ -114,21 +167,21 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     unsigned pv[BLOCK_N / 16][4];  // P of the previous tile, the A operand of its P V
 
     // S = Q K^T: K-major operands, 16 of head_dim per instruction, 4 per swizzle atom.
-    auto issue_s = [&](int i) {
+    auto issue_s = [&](int g) {
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             const unsigned step = (kk % 4) * 32;  // bytes into the swizzle atom
             WgmmaSS<T, BLOCK_N>::run(s, wgmma_descriptor(q_address + (kk / 4) * S::BLOCK_M * 128 + step, 16, 1024),
-                                     wgmma_descriptor(sm.k(i) + (kk / 4) * BLOCK_N * 128 + step, 16, 1024), kk > 0);
+                                     wgmma_descriptor(sm.k(g) + (kk / 4) * BLOCK_N * 128 + step, 16, 1024), kk > 0);
         }
         wgmma_commit();
     };
     // O += P V: V MN-major, 16 keys (two 8-row groups of 1024 bytes) per
     // instruction; its head_dim atoms lie BLOCK_N * 128 bytes apart.
-    auto issue_pv = [&](int i) {
+    auto issue_pv = [&](int g) {
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(o, pv[kk], wgmma_descriptor(sm.v(i) + kk * 2048, BLOCK_N * 128, 1024));
+            WgmmaRS<T, S::PV_N>::run(o, pv[kk], wgmma_descriptor(sm.v(g) + kk * 2048, BLOCK_N * 128, 1024));
         wgmma_commit();
     };
     auto softmax = [&](int i, float (&rescale)[2]) {
@@ -143,10 +196,15 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     auto release = [&](unsigned barrier) {  // this warp is done reading a buffer
         if (lane == 0) mbarrier_arrive(barrier);
     };
+    auto scores_done = [&](int i) {  // S(i) has been read: its K buffer, and Q after the last one
+        release(sm.k_free(g0 + i));
+        if (i == tiles - 1) release(sm.q_free());
+    };
     // Two warpgroups take turns at issuing their products (barriers 2 and 3:
     // "warpgroup w may issue"), so that one's softmax runs while the other's
-    // products keep the tensor cores busy; the first warpgroup starts. Each
-    // hands the turn on after issuing, except the second one at its last turn.
+    // products keep the tensor cores busy; the first warpgroup starts each
+    // tile. Each hands the turn on after issuing, except the second one at its
+    // last turn of a tile.
     const int turns = tiles + 1;
     int turn = 0;
     auto take_turn = [&]() {
@@ -161,48 +219,49 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     // Software pipeline: while the softmax of tile i runs on the CUDA cores,
     // the tensor cores compute P(i - 1) V(i - 1).
     if (tiles > 0) {
-        mbarrier_wait(sm.q_full(), 0);
-        mbarrier_wait(sm.k_full(0), 0);
+        mbarrier_wait(sm.q_full(), seen.q_tiles & 1);
+        mbarrier_wait(sm.k_full(g0), (g0 / S::K_BUFFERS) & 1);
         take_turn();
         wgmma_fence();
-        issue_s(0);
+        issue_s(g0);
         pass_turn();
         wgmma_wait<0>();
         fence_registers(s);
-        release(sm.k_free(0));
+        scores_done(0);
         float rescale[2];
         softmax(0, rescale);
         keep_p();
     }
     for (int i = 1; i < tiles; ++i) {
-        mbarrier_wait(sm.k_full(i), (i / S::K_BUFFERS) & 1);
-        mbarrier_wait(sm.v_full(i - 1), ((i - 1) / S::V_BUFFERS) & 1);
+        const int g = g0 + i;
+        mbarrier_wait(sm.k_full(g), (g / S::K_BUFFERS) & 1);
+        mbarrier_wait(sm.v_full(g - 1), ((g - 1) / S::V_BUFFERS) & 1);
         take_turn();
         wgmma_fence();
-        issue_s(i);
-        issue_pv(i - 1);
+        issue_s(g);
+        issue_pv(g - 1);
         pass_turn();
         wgmma_wait<1>();  // S(i) done; P(i - 1) V(i - 1) may still run
         fence_registers(s);
-        release(sm.k_free(i));
+        scores_done(i);
         float rescale[2];
         softmax(i, rescale);
         wgmma_wait<0>();
         fence_registers(o);
         fence_registers(pv);
-        release(sm.v_free(i - 1));
+        release(sm.v_free(g - 1));
         rescale_rows<D_BLOCKS>(o, rescale);
         keep_p();
     }
     if (tiles > 0) {
-        const int last = tiles - 1;
+        const int last = g0 + tiles - 1;
         mbarrier_wait(sm.v_full(last), (last / S::V_BUFFERS) & 1);
         // Copies bring whole tiles: rows past the sequence's keys hold another
         // sequence or unused memory, and P = 0 there would not cancel a NaN.
         // Only the last tile can have such rows; they become zeros first.
-        const int valid = t.keys.len - (t.first_tile + last) * BLOCK_N;
+        const int valid = t.keys.len - (t.end_tile - 1) * BLOCK_N;
         if (valid < BLOCK_N) {
-            zero_rows_from<BLOCK_N, S::ATOMS, S::CONSUMERS>(sm.v(last), valid);
+            zero_rows_from<BLOCK_N, S::ATOMS_V, S::CONSUMERS>(sm.v(last), valid);
             fence_proxy_async();
             named_barrier_sync(1, S::CONSUMERS);
         }
@@ -212,38 +271,60 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         pass_turn();
         wgmma_wait<0>();
         fence_registers(o);
+        release(sm.v_free(last));
     }
-    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale);
+    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V);
 }
 
 // Registers per thread after the split (multiples of 8): the producer keeps
-// few; the consumers take the rest of the register file.
+// few; the consumers take the rest of what the CTA got at launch, the pool
+// setmaxnreg draws from (an increase past it would wait for ever).
 constexpr int PRODUCER_REGISTERS = 24;
 
-template <typename T, int HEAD_DIM, int BLOCK_N, int WARPGROUPS>
+template <int WARPGROUPS>
+__host__ __device__ constexpr int consumer_registers() {
+    constexpr int threads = 128 * (WARPGROUPS + 1), launched = 65536 / (2 / WARPGROUPS) / threads / 8 * 8;
+    constexpr int share = (launched * threads / 128 - PRODUCER_REGISTERS) / WARPGROUPS / 8 * 8;
+    return share > 240 ? 240 : share;
+}
+
+// Persistent: CTA c works on tiles c, c + gridDim.x, ... of the plan (heads
+// fastest, the longest sequences' costliest tiles first) until they run out,
+// so that the producer copies a tile's first operands while the consumers
+// finish the tile before. A grid with a CTA per tile runs each tile once.
+template <typename T, int HEAD_DIM, int HEAD_DIM_V, int BLOCK_N, int WARPGROUPS>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), 2 / WARPGROUPS)
 flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, const __grid_constant__ TensorMap tma_q,
                  const __grid_constant__ TensorMap tma_k, const __grid_constant__ TensorMap tma_v) {
-    using S = HopperShared<HEAD_DIM, BLOCK_N, WARPGROUPS>;
+    using S = HopperShared<HEAD_DIM, HEAD_DIM_V, BLOCK_N, WARPGROUPS>;
     // 65536 registers per SM over 2 / WARPGROUPS CTAs of WARPGROUPS + 1 warpgroups
-    constexpr int CONSUMER_REGISTERS =
-        ((65536 / (2 / WARPGROUPS) / 128 - PRODUCER_REGISTERS) / WARPGROUPS) / 8 * 8 > 240
-            ? 240 : ((65536 / (2 / WARPGROUPS) / 128 - PRODUCER_REGISTERS) / WARPGROUPS) / 8 * 8;
+    constexpr int CONSUMER_REGISTERS = consumer_registers<WARPGROUPS>();
+    static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * WARPGROUPS
+                  <= 65536 / (2 / WARPGROUPS) / (128 * (WARPGROUPS + 1)) / 8 * 8 * 128 * (WARPGROUPS + 1),
+                  "the split must fit the registers of the launch");
     extern __shared__ unsigned char shared_raw[];
     __shared__ __align__(8) unsigned long long barriers[S::BARRIERS];
     S sm;
     sm.q = smem_address(shared_raw) + (1024 - smem_address(shared_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
     sm.barriers = smem_address(barriers);
 
-    FlashTile t;
-    if (!locate_tile<S::BLOCK_M, BLOCK_N>(p, order, tile_offsets, t)) return;
+    if (blockIdx.x / p.heads >= tile_offsets[p.batch]) return;  // no tile for this CTA
     if (threadIdx.x == 0) sm.init();
     __syncthreads();
+    FlashTile t;
+    Visited seen;
     if (threadIdx.x >= S::CONSUMERS) {
         set_max_registers_dec<PRODUCER_REGISTERS>();
-        if (threadIdx.x == S::CONSUMERS && t.end_tile > t.first_tile) produce(t, sm, tma_q, tma_k, tma_v);
+        if (threadIdx.x != S::CONSUMERS) return;
+        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N>(p, order, tile_offsets, work, t); work += gridDim.x) {
+            if (t.end_tile > t.first_tile) produce(t, seen, sm, tma_q, tma_k, tma_v);
+            seen.add(t);
+        }
     } else {
         set_max_registers_inc<CONSUMER_REGISTERS>();
-        consume<T>(p, t, sm);
+        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N>(p, order, tile_offsets, work, t); work += gridDim.x) {
+            consume<T>(p, t, seen, sm);
+            seen.add(t);
+        }
     }
 }

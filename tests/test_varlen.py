@@ -274,7 +274,30 @@ def test_flash(gen, dtype, head_dim, mask):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+def test_flash_head_dim_v_differs_on_hopper(gen, dtype, mask):
+    from varattn.cuda import loader
+    if loader.arch_of(torch.device("cuda")) != "sm_90a":
+        pytest.skip("head_dim_v != head_dim runs on Hopper only")
+    heads = [(8, 8), (8, 2), (16, 1)][hash(str(mask)) % 3]
+    check(gen, dtype, "cuda", backend="flash", head_dim=192, head_dim_v=128, heads=heads, batch=7, longest=700, **mask)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flash_seqused_and_long_sequences(gen, head_dim):
     check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, seqused=True, batch=4, longest=2100,
           causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True, causal_align="lower_right"), dict(window=(37, 5))], ids=str)
+def test_flash_persistent_grid_on_one_sm(gen, monkeypatch, head_dim, mask):
+    """The Hopper forward's CTAs loop over the tiles (elsewhere, a CTA per
+    tile): on one SM a CTA goes through tens of tiles of every kind, empty
+    sequences' (no key tiles) among them, its buffers' phases carried over."""
+    from varattn.backends import flash
+    monkeypatch.setattr(flash.loader, "multiprocessors", lambda index: 1)
+    check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, heads=(4, 2), batch=9, longest=300, **mask)

@@ -1,13 +1,14 @@
 """The flash backend: tensor-core forward and backward, fp16 and bf16.
 
-Forward: kernels_cu/flash_fwd_hopper.cu (wgmma) on Hopper for head dims 64,
-128 and 256; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ for the rest.
+Forward: kernels_cu/flash_fwd_hopper.cu (wgmma, a persistent grid) on
+Hopper; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ elsewhere.
 Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper at head_dim 128;
 kernels_cu/flash_bwd.cu (mma.sync) for head dims 32 to 128 and the
 deterministic mode.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
-LSE, head dims 32 to 256; no bias, no dropout.
+LSE, head dims 32 to 256 (and head_dim_v != head_dim for the forward on
+Hopper at HEAD_DIMS_V_DIFFERING); no bias, no dropout.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ CAPABILITIES = capabilities.Capabilities(
     head_dims=HEAD_DIMS,
     min_compute_capability=(8, 0),
     window=True,
+    head_dim_v_differs=True,  # some pairs, on Hopper: reasons()
     backward=True,
 )
 log = logging.getLogger("varattn")
@@ -38,63 +40,75 @@ STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 class Kernel:
     """One forward instance and how to launch it."""
     family: str              # kernels_cu/<family>.cu, and the kernel's name there
+    head_dim: int
+    head_dim_v: int
     block_m: int
     block_n: int
     threads: int
     shared_mem: int          # dynamic shared memory, bytes
+    ctas_per_sm: int = 0     # persistent: a grid of this many CTAs per SM loops over the tiles; 0: a CTA per tile
 
-    def instance(self, dtype, head_dim) -> str:
-        return f"{self.family}<{STORAGE_TYPES[dtype]}, {head_dim}, {self._blocks}>"
-
-    @property
-    def _blocks(self) -> str:
-        return f"{self.block_m}, {self.block_n}" if self.family == "flash_fwd" else f"{self.block_n}, {self.block_m // 64}"
+    def instance(self, dtype) -> str:
+        if self.family == "flash_fwd":
+            return f"flash_fwd<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.block_m}, {self.block_n}>"
+        return (f"flash_fwd_hopper<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.head_dim_v}, {self.block_n}, "
+                f"{self.block_m // 64}>")
 
 
 def _mma_sync(head_dim, block_m, block_n):
     # Q + K + V tiles, rows padded by 16 bytes (kernels_cu/flash_fwd.cu)
-    return Kernel("flash_fwd", block_m, block_n, 128, (block_m + 2 * block_n) * (head_dim + 8) * 2)
+    return Kernel("flash_fwd", head_dim, head_dim, block_m, block_n, 128, (block_m + 2 * block_n) * (head_dim + 8) * 2)
 
 
-def _wgmma(head_dim, block_n, warpgroups=2):
-    # Q + 2 K + 3 V tiles, plus 1 KB to align the swizzle atoms; consumer
-    # warpgroups and one producer warpgroup (kernels_cu/flash_fwd_hopper.cu)
-    block_m = 64 * warpgroups
-    return Kernel("flash_fwd_hopper", block_m, block_n, 128 * (warpgroups + 1), (block_m + 5 * block_n) * head_dim * 2 + 1024)
+def _wgmma(head_dim, block_n, warpgroups=2, head_dim_v=None):
+    # Q + 2 K + 3 V tiles of whole 64-column swizzle atoms, plus 1 KB to align
+    # them; consumer warpgroups and one producer warpgroup, 2 / warpgroups
+    # CTAs per SM (kernels_cu/flash_fwd_hopper.cu)
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    block_m, width, width_v = 64 * warpgroups, -(-head_dim // 64) * 64, -(-head_dim_v // 64) * 64
+    shared_mem = ((block_m + 2 * block_n) * width + 3 * block_n * width_v) * 2 + 1024
+    return Kernel("flash_fwd_hopper", head_dim, head_dim_v, block_m, block_n, 128 * (warpgroups + 1), shared_mem,
+                  ctas_per_sm=2 // warpgroups)
 
 
 # The largest tiles that keep S and O in registers without spilling; the
 # tables at the top of the two .cu files say why.
 MMA_SYNC = {32: _mma_sync(32, 128, 64), 64: _mma_sync(64, 128, 64), 96: _mma_sync(96, 128, 32),
             128: _mma_sync(128, 128, 32), 192: _mma_sync(192, 64, 64), 256: _mma_sync(256, 64, 64)}
-# Hopper: two consumer warpgroups on 128 query rows share each K/V tile; at
-# head_dim 64 one warpgroup on 64 rows lets two CTAs share an SM. Measured on
-# the H100 (bf16, DESIGN.md's workloads, TFLOP/s): head_dim 128 two
-# warpgroups x BLOCK_N 128 / one x 64: W1 371 / 350, W2 254 / 261, W4 408 /
-# 360; head_dim 64 causal W3 one x 64 202, two x 128 183.
-WGMMA = {64: _wgmma(64, 64, 1), 128: _wgmma(128, 128), 256: _wgmma(256, 64)}
+# Hopper, by (head_dim, head_dim_v): kernels_cu/flash_fwd_hopper.cu says why these tiles.
+WGMMA = {(32, 32): _wgmma(32, 128, 1), (64, 64): _wgmma(64, 64, 1), (96, 96): _wgmma(96, 128),
+         (128, 128): _wgmma(128, 128), (192, 192): _wgmma(192, 64), (256, 256): _wgmma(256, 64),
+         (192, 128): _wgmma(192, 64, head_dim_v=128)}
+HEAD_DIMS_V_DIFFERING = tuple(dims for dims in WGMMA if dims[0] != dims[1])
 
 
-def kernel_for(head_dim: int, arch: str) -> Kernel:
-    """wgmma on Hopper (sm_90a) where it has an instance, mma.sync elsewhere."""
-    if arch == "sm_90a" and head_dim in WGMMA:
-        return WGMMA[head_dim]
+def kernel_for(head_dim: int, head_dim_v: int, arch: str) -> Kernel:
+    """wgmma on Hopper (sm_90a), mma.sync elsewhere (head_dim_v == head_dim only)."""
+    if arch == "sm_90a" and (head_dim, head_dim_v) in WGMMA:
+        return WGMMA[head_dim, head_dim_v]
     return MMA_SYNC[head_dim]
 
 
-for _family in ("flash_fwd", "flash_fwd_hopper"):
-    _kernels = [k for k in (*MMA_SYNC.items(), *WGMMA.items()) if k[1].family == _family]
-    loader.register_family(_family, sorted(
-        {k.instance(t, d) for d, k in _kernels for t in STORAGE_TYPES} | {f"flash_plan<{k.block_m}>" for _, k in _kernels}))
+for _family, _table in (("flash_fwd", MMA_SYNC), ("flash_fwd_hopper", WGMMA)):
+    loader.register_family(_family, sorted({k.instance(t) for k in _table.values() for t in STORAGE_TYPES}
+                                           | {f"flash_plan<{k.block_m}>" for k in _table.values()}))
 
 
 def reasons(params) -> list[str]:
     found = capabilities.reasons(CAPABILITIES, params)
+    differing = params.head_dim_v != params.head_dim
     if params.requires_grad:
         if params.head_dim not in BACKWARD_HEAD_DIMS:
             found.append(f"the backward takes head_dim in {BACKWARD_HEAD_DIMS}, got {params.head_dim}")
+        if differing:
+            found.append(f"the backward needs head_dim_v == head_dim, got {params.head_dim_v} and {params.head_dim}")
+    if differing and (params.head_dim, params.head_dim_v) not in HEAD_DIMS_V_DIFFERING:
+        found.append(f"(head_dim, head_dim_v) ({params.head_dim}, {params.head_dim_v}) differ: the forward takes "
+                     f"{', '.join(map(str, HEAD_DIMS_V_DIFFERING))} only")
     if params.device.type != "cuda":
         return found
+    if differing and loader.arch_of(params.device) != "sm_90a":
+        found.append("head_dim_v != head_dim runs on Hopper (sm_90a) only")
     missing = loader.cupy_missing_reason()
     if missing:
         found.append(missing)
@@ -105,13 +119,13 @@ def reasons(params) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernels(dtype: torch.dtype, head_dim: int, device_index: int, wgmma: bool = True):
+def _forward_kernels(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_index: int, wgmma: bool = True):
     """(Kernel, its plan kernel, its forward kernel) for the call's dtype,
-    head dim and device: kernel_for's choice, or mma.sync when not `wgmma`."""
+    head dims and device: kernel_for's choice, or mma.sync when not `wgmma`."""
     device = torch.device("cuda", device_index)
-    chosen = kernel_for(head_dim, loader.arch_of(device)) if wgmma else MMA_SYNC[head_dim]
+    chosen = kernel_for(head_dim, head_dim_v, loader.arch_of(device)) if wgmma else MMA_SYNC[head_dim]
     return (chosen, loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
-            loader.kernel(chosen.family, chosen.instance(dtype, head_dim), device, dynamic_shared_mem=chosen.shared_mem))
+            loader.kernel(chosen.family, chosen.instance(dtype), device, dynamic_shared_mem=chosen.shared_mem))
 
 
 def forward(params):
@@ -123,21 +137,25 @@ def forward(params):
     batch = params.cu_seqlens_q.shape[0] - 1
     if q.shape[0] == 0 or batch == 0:
         return out, lse
-    head_dim, index = q.shape[2], q.get_device()
-    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, index)
+    head_dim, head_dim_v, index = q.shape[2], v.shape[2], q.get_device()
+    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index)
     maps = ()
     if chosen.family == "flash_fwd_hopper":
         try:
             maps = (tensor_map.rows(q, chosen.block_m), tensor_map.rows(k, chosen.block_n),
                     tensor_map.rows(v, chosen.block_n))
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
+            if head_dim_v != head_dim:  # no mma.sync kernel to fall back on
+                raise
             log.info("varattn: %s; using the mma.sync kernel", error)
-            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, index, False)
+            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, False)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
     plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
-    grid = (tiled.tiles_upper_bound(q.shape[0], chosen.block_m, batch) * q.shape[1],)
-    loader.launch(fwd_kernel, grid, (chosen.threads,), loader.Args(packed, *plan_args, *maps),
+    grid = tiled.tiles_upper_bound(q.shape[0], chosen.block_m, batch) * q.shape[1]
+    if chosen.ctas_per_sm:
+        grid = min(grid, chosen.ctas_per_sm * loader.multiprocessors(index))
+    loader.launch(fwd_kernel, (grid,), (chosen.threads,), loader.Args(packed, *plan_args, *maps),
                   shared_mem=chosen.shared_mem, stream=stream)
     return out, lse
 

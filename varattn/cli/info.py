@@ -28,8 +28,7 @@ def _cupy_versions() -> list[tuple[str, str]]:
     if missing:
         return [("cupy", missing)]
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
-    major, minor = nvrtc.getVersion()
+    major, minor = loader.nvrtc_version()
     return [("cupy", cupy.__version__), ("nvrtc", f"{major}.{minor}")]
 
 

@@ -75,6 +75,12 @@ def _cupy():
     return cupy
 
 
+def nvrtc_version() -> tuple[int, int]:
+    _cupy()
+    from cupy_backends.cuda.libs import nvrtc
+    return nvrtc.getVersion()
+
+
 @functools.lru_cache(maxsize=None)
 def source(family: str) -> str:
     """kernels_cu/<family>.cu with its local includes inlined."""
@@ -109,6 +115,12 @@ def compute_capability(index: int | None) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
+def multiprocessors(index: int | None) -> int:
+    """The SM count of CUDA device `index`, which sizes persistent grids; asked once."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
 def shared_memory_per_block(index: int | None) -> int:
     """The most shared memory, in bytes, one block of CUDA device `index` may
     opt in to (`kernel()` opts in for what a kernel asks); asked once."""
@@ -127,13 +139,16 @@ def compile_options(arch: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Cubin:
-    """What NVRTC made of a program: the image, and the mangled name of each name expression."""
+    """What NVRTC made of a program: the image, the mangled name of each name
+    expression, and the compiler's log."""
     image: bytes
     lowered: dict
+    log: str = ""
 
 
-def compile_for_arch(code: str, name_expressions, arch: str) -> Cubin:
-    """NVRTC without a device (it needs none when the architecture is given)."""
+def compile_for_arch(code: str, name_expressions, arch: str, extra_options: tuple[str, ...] = ()) -> Cubin:
+    """NVRTC without a device (it needs none when the architecture is given);
+    extra_options: for tools (e.g. -Xptxas=-v, whose report is in the log)."""
     _cupy()
     from cupy_backends.cuda.libs import nvrtc
     program = nvrtc.createProgram(code, "varattn.cu", [], [])
@@ -141,11 +156,12 @@ def compile_for_arch(code: str, name_expressions, arch: str) -> Cubin:
         for expression in name_expressions:
             nvrtc.addNameExpression(program, expression)
         try:
-            nvrtc.compileProgram(program, list(compile_options(arch)))
+            nvrtc.compileProgram(program, [*compile_options(arch), *extra_options])
         except nvrtc.NVRTCError as error:
             raise KernelCompileError(
                 f"NVRTC failed for {arch}: {error}\n{nvrtc.getProgramLog(program)}") from None
-        return Cubin(nvrtc.getCUBIN(program), {e: nvrtc.getLoweredName(program, e) for e in name_expressions})
+        return Cubin(nvrtc.getCUBIN(program), {e: nvrtc.getLoweredName(program, e) for e in name_expressions},
+                     nvrtc.getProgramLog(program))
     finally:
         nvrtc.destroyProgram(program)
 
@@ -162,10 +178,8 @@ def cached_cubin(family: str, name_expression: str, arch: str) -> tuple[bytes, s
     """(cubin, mangled name) of one instance of kernels_cu/<family>.cu for
     `arch`: read from cache_dir(), or compiled and written there (the file
     replaced whole, so processes filling the cache at once never see a part)."""
-    _cupy()
-    from cupy_backends.cuda.libs import nvrtc
     code = source(family)
-    key = "\0".join((code, name_expression, arch, *compile_options(arch), repr(nvrtc.getVersion())))
+    key = "\0".join((code, name_expression, arch, *compile_options(arch), repr(nvrtc_version())))
     path = cache_dir() / (hashlib.sha256(key.encode()).hexdigest() + ".cubin")
     try:
         lowered, image = path.read_bytes().split(b"\n", 1)
