@@ -1,6 +1,6 @@
 // block_ranges.cuh — which blocks of keys a query tile visits and which
-// blocks of queries see a key tile, which tiles or pairs of tiles need
-// element masks, and those masks.
+// blocks of queries see a key tile (one right bound of the mask for both),
+// which tiles or pairs of tiles need element masks, and those masks.
 //
 // Register layout of a score tile: a thread holds, for each 16-row slice, two
 // rows (lane / 4 and lane / 4 + 8) and, per 8-column block j, two columns
@@ -33,11 +33,7 @@ __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* orde
     t.h = work % p.heads;
     const int tile = work / p.heads;
     if (tile >= tile_offsets[p.batch]) return false;
-    int pos = 0;
-    for (int hi = p.batch; hi - pos > 1;) {  // the last pos with tile_offsets[pos] <= tile
-        const int mid = (pos + hi) / 2;
-        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
-    }
+    const int pos = plan_position(p, tile_offsets, tile);
     t.b = order[pos];
     t.m0 = (tile_offsets[pos + 1] - 1 - tile) * BLOCK_M;  // a sequence's costliest (last) tile first
     t.h_kv = t.h / (p.heads / p.heads_kv);
@@ -46,8 +42,7 @@ __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* orde
     t.last_row = min(t.m0 + BLOCK_M, t.queries.len) - 1;
 
     t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
-    t.bounded_right = p.causal || p.window_right >= 0;
-    t.right = p.causal ? (p.window_right >= 0 ? min(0, p.window_right) : 0) : p.window_right;
+    t.bounded_right = right_bound(p, t.right);
     long long key_end = t.keys.len, key_begin = 0;
     if (t.bounded_right) key_end = min(key_end, max(0LL, t.last_row + t.diagonal + t.right + 1));
     if (p.window_left >= 0) key_begin = max(0LL, t.m0 + t.diagonal - p.window_left);
@@ -106,11 +101,7 @@ __device__ __forceinline__ bool locate_key_tile(const AttnParams& p, const int* 
     t.h_kv = blockIdx.x % p.heads_kv;
     const int tile = blockIdx.x / p.heads_kv;
     if (tile >= tile_offsets[p.batch]) return false;
-    int pos = 0;
-    for (int hi = p.batch; hi - pos > 1;) {  // the last pos with tile_offsets[pos] <= tile
-        const int mid = (pos + hi) / 2;
-        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
-    }
+    const int pos = plan_position(p, tile_offsets, tile);
     t.b = order[pos];
     t.n0 = (tile - tile_offsets[pos]) * BLOCK_N;
     t.queries = query_span(p, t.b);

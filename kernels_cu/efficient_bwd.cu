@@ -233,34 +233,9 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
             const int columns = min(DQ_COLS, p.head_dim - dq_col);  // a multiple of 8; may be <= 0
             const long long dq_row_stride = (long long)p.heads * p.head_dim;
             float* dq_rows = g.dq_accum + ((queries.start + m0 + dq_row) * p.heads + h) * (long long)p.head_dim + dq_col;
-#if __CUDA_ARCH__ >= 900
-            // Stage the 16 rows in the free Q / dO tiles (rows of DQ_COLS + 8 floats:
-            // conflict-free stores) and have the copy engine add each row.
-            float* staged = (float*)q_tile + warp * 16 * (DQ_COLS + 8);
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int j = 0; j < DQ_BLOCKS; ++j)
-                    *(float2*)(staged + (lane / 4 + 8 * r) * (DQ_COLS + 8) + 8 * j + 2 * (lane % 4)) =
-                        make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane < 16 && columns > 0 && m0 + dq_row + lane < queries.len)
-                bulk_reduce_add_f32(dq_rows + lane * dq_row_stride, smem_address(staged + lane * (DQ_COLS + 8)), columns * 4);
-#else
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = lane / 4 + 8 * r;
-                if (m0 + dq_row + row >= queries.len) continue;
-#pragma unroll
-                for (int j = 0; j < DQ_BLOCKS; ++j) {
-                    const int c = 8 * j + 2 * (lane % 4);
-                    if (c >= columns) continue;
-                    atomicAdd(dq_rows + row * dq_row_stride + c, dq[4 * j + 2 * r] * scale);
-                    atomicAdd(dq_rows + row * dq_row_stride + c + 1, dq[4 * j + 2 * r + 1] * scale);
-                }
-            }
-#endif
+            // the free Q / dO tiles stage it on sm_90
+            add_dq_rows<DQ_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + dq_row), columns, scale,
+                                   (float*)q_tile + warp * 16 * (DQ_COLS + 8), DQ_COLS + 8);
         }
     }
 #if __CUDA_ARCH__ >= 900
@@ -268,17 +243,5 @@ efficient_bwd(const AttnParams p, const int* order, const int* tile_offsets, con
 #endif
 
     // dK * scale and dV for this warp's keys and the CTA's columns, once.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = n0 + key_row + 8 * r;
-        if (key >= keys.len) continue;
-        const long long at = ((keys.start + key) * p.heads_kv + h_kv) * (long long)p.head_dim + col0;
-#pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j) {
-            const int c = 8 * j + 2 * (lane % 4);
-            if (col0 + c >= p.head_dim) continue;
-            store2<T>((T*)g.dk + at + c, dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
-            store2<T>((T*)g.dv + at + c, dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
-    }
+    store_dk_dv<T, D_BLOCKS>(p, g, keys, h_kv, n0 + key_row, p.head_dim, col0, dk, dv, scale);
 }

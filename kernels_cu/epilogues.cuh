@@ -1,11 +1,12 @@
 // epilogues.cuh — what the kernels write once a tile is done, from the
 // accumulators in registers (block_ranges.cuh's layout): the forward's
-// output rows and LSE, and the backward's dQ additions.
+// output rows and LSE, the backward's dK and dV, and its dQ additions.
 #pragma once
 #include "block_ranges.cuh"
 #include "bwd_params.cuh"
 #include "dtypes.cuh"
 #include "mma.cuh"
+#include "tma.cuh"
 
 // O * out_scale / l and lse = lse_scale * max + ln l for this thread's two
 // rows (query first_row and first_row + 8), in the first `columns` columns;
@@ -35,18 +36,70 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile&
     }
 }
 
-// Hand each pair of this thread's dQ elements (a warp's 16 rows x head_dim,
-// mma layout), scaled, to add(address, x, y), in the first `rows` rows.
+// dK * scale and dV of this thread's two key rows (first_key and first_key + 8
+// of the sequence), columns col0 + 8 j + 2 (lane % 4) + {0, 1} below
+// head_dim (the tensors' row length), once a key tile is done.
+template <typename T, int D_BLOCKS>
+__device__ __forceinline__ void store_dk_dv(const AttnParams& p, const BwdParams& g, const SeqSpan& keys, int h_kv,
+                                            int first_key, long long head_dim, int col0,
+                                            const float (&dk)[D_BLOCKS * 4], const float (&dv)[D_BLOCKS * 4],
+                                            float scale) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = first_key + 8 * r;
+        if (key >= keys.len) continue;
+        const long long at = ((keys.start + key) * p.heads_kv + h_kv) * head_dim + col0;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            if (col0 + c >= head_dim) continue;
+            store2<T>((T*)g.dk + at + c, dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            store2<T>((T*)g.dv + at + c, dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
+// Hand each pair of this thread's dQ elements (a warp's 16 rows, mma layout),
+// scaled, to add(address, x, y), in the first `rows` rows and `columns` columns.
 template <int D_BLOCKS, typename Add>
 __device__ __forceinline__ void add_dq(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride, int rows,
-                                       float scale, Add add) {
+                                       int columns, float scale, Add add) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = lane / 4 + 8 * r;
         if (row >= rows) continue;
 #pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j)
-            add(dq_rows + row * row_stride + 8 * j + 2 * (lane % 4), dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        for (int j = 0; j < D_BLOCKS; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            if (c >= columns) continue;
+            add(dq_rows + row * row_stride + c, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
     }
+}
+
+// A warp's dQ (16 rows, mma layout), scaled, added to the float32
+// accumulator rows at dq_rows: on sm_90, staged in `staging` (16 rows of
+// `pitch` floats; pitch = columns + 8 keeps the stores conflict-free) and
+// added a row per copy-engine reduction; before, by atomics per element.
+template <int D_BLOCKS>
+__device__ __forceinline__ void add_dq_rows(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride,
+                                            int rows, int columns, float scale, float* staging, int pitch) {
+#if __CUDA_ARCH__ >= 900
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j)
+            *(float2*)(staging + (lane / 4 + 8 * r) * pitch + 8 * j + 2 * (lane % 4)) =
+                make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+    fence_proxy_async();
+    __syncwarp();
+    if (lane < 16 && columns > 0 && lane < rows)
+        bulk_reduce_add_f32(dq_rows + lane * row_stride, smem_address(staging + lane * pitch), columns * 4);
+#else
+    add_dq<D_BLOCKS>(dq, dq_rows, row_stride, rows, columns, scale,
+                     [](float* at, float x, float y) { atomicAdd(at, x); atomicAdd(at + 1, y); });
+#endif
 }

@@ -221,7 +221,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 }
                 if (threadIdx.x == 0) while (load_acquire(turn) != mine) {}
                 __syncthreads();
-                add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), (float)p.scale,
+                add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), HEAD_DIM, (float)p.scale,
                                  [](float* at, float x, float y) {
                                      const float2 sum = __ldcg((float2*)at);  // from L2: another SM wrote it
                                      __stcg((float2*)at, make_float2(sum.x + x, sum.y + y));
@@ -231,25 +231,9 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 if (threadIdx.x == 0) atomicExch(turn, mine + 1);
                 continue;
             }
-#if __CUDA_ARCH__ >= 900
-            // Stage this warp's 16 rows in the free Q / dO tiles (rows of HEAD_DIM + 8
-            // floats: conflict-free stores) and have the copy engine add each row.
-            float* staged = (float*)q_tile + warp * 16 * (HEAD_DIM + 8);
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-#pragma unroll
-                for (int j = 0; j < D_BLOCKS; ++j)
-                    *(float2*)(staged + (lane / 4 + 8 * r) * (HEAD_DIM + 8) + 8 * j + 2 * (lane % 4)) =
-                        make_float2(dq[4 * j + 2 * r] * (float)p.scale, dq[4 * j + 2 * r + 1] * (float)p.scale);
-            fence_proxy_async();
-            __syncwarp();
-            if (lane < 16 && m0 + warp * 16 + lane < queries.len)
-                bulk_reduce_add_f32(dq_rows + lane * dq_row_stride, smem_address(staged + lane * (HEAD_DIM + 8)),
-                                    HEAD_DIM * 4);
-#else
-            add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), (float)p.scale,
-                             [](float* at, float x, float y) { atomicAdd(at, x); atomicAdd(at + 1, y); });
-#endif
+            // the free Q / dO tiles stage it on sm_90
+            add_dq_rows<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), HEAD_DIM, (float)p.scale,
+                                  (float*)q_tile + warp * 16 * (HEAD_DIM + 8), HEAD_DIM + 8);
         }
     }
 #if __CUDA_ARCH__ >= 900
@@ -257,16 +241,5 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
 #endif
 
     // dK * scale and dV for this warp's keys, once.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = n0 + key_row + 8 * r;
-        if (key >= keys.len) continue;
-        const long long at = ((keys.start + key) * p.heads_kv + h_kv) * HEAD_DIM;
-#pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j) {
-            const int c = 8 * j + 2 * (lane % 4);
-            *(unsigned*)((T*)g.dk + at + c) = pack2<T>(dk[4 * j + 2 * r] * (float)p.scale, dk[4 * j + 2 * r + 1] * (float)p.scale);
-            *(unsigned*)((T*)g.dv + at + c) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
-    }
+    store_dk_dv<T, D_BLOCKS>(p, g, keys, h_kv, n0 + key_row, HEAD_DIM, 0, dk, dv, (float)p.scale);
 }

@@ -337,18 +337,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
     if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
     // dK * scale and dV for this thread's keys, once.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = t.n0 + key_row + 8 * r;
-        if (key >= t.keys.len) continue;
-        const long long at = ((t.keys.start + key) * p.heads_kv + t.h_kv) * HEAD_DIM;
-#pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j) {
-            const int c = 8 * j + 2 * (lane % 4);
-            *(unsigned*)((T*)g.dk + at + c) = pack2<T>(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
-            *(unsigned*)((T*)g.dv + at + c) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
-    }
+    store_dk_dv<T, D_BLOCKS>(p, g, t.keys, t.h_kv, t.n0 + key_row, HEAD_DIM, 0, dk, dv, scale);
 }
 
 // Registers per thread after the split. The consumers' increase waits until

@@ -35,7 +35,7 @@
 // whole atoms + 1 KB for alignment; 2 / WARPGROUPS CTAs per SM), chosen by
 // timing the candidates on the H200 (CHANGELOG has the numbers):
 //   head_dim  32:  1 consumer warpgroup,  BLOCK_N 128  (64 measured the same)
-//   head_dim  64:  1 consumer warpgroup,  BLOCK_N 64   (two warpgroups x 128 slower)
+//   head_dim  64:  1 consumer warpgroup,  BLOCK_N 128  (64 slower on W3, two warpgroups slower)
 //   head_dim  96:  2 consumer warpgroups, BLOCK_N 128  (176, two V buffers, slower)
 //   head_dim 128:  2 consumer warpgroups, BLOCK_N 128  (176 no faster on W1, slower on short sequences)
 //   head_dim 192:  2 consumer warpgroups, BLOCK_N 64   (128 does not fit the shared memory)
@@ -50,14 +50,14 @@
 // resources: NVRTC 13.5, sm_90a, -Xptxas -v (tools/kernel_resources.py writes this table)
 //   instance                                    registers  spill stores / loads  stack  shared: static + dynamic
 //   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 64, 64, 64, 1>           128               0 / 0 B    0 B  96 B + 49.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>         168               0 / 0 B    0 B  96 B + 169.0 KB
 //   flash_fwd_hopper<bf16_t, 256, 256, 64, 2>         168               0 / 0 B    0 B  96 B + 225.0 KB
 //   flash_fwd_hopper<half_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 64, 64, 64, 1>           128               0 / 0 B    0 B  96 B + 49.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<half_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<half_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB

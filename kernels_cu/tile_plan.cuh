@@ -1,6 +1,7 @@
 // tile_plan.cuh — the plan every tiled kernel (flash, efficient; forward and
 // backward) works through: sequences ordered longest first and their tiles
-// laid out in that order, on the device.
+// laid out in that order, on the device, and the lookup from a tile's index
+// to its sequence.
 #pragma once
 #include "attn_params.cuh"
 #include "varlen.cuh"
@@ -69,4 +70,14 @@ __global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, i
         carried += chunk_total;
         __syncthreads();
     }
+}
+
+// The position in the plan of the sequence that tile `tile` (< tile_offsets[batch]) belongs to.
+__device__ __forceinline__ int plan_position(const AttnParams& p, const int* tile_offsets, int tile) {
+    int pos = 0;
+    for (int hi = p.batch; hi - pos > 1;) {  // the last pos with tile_offsets[pos] <= tile
+        const int mid = (pos + hi) / 2;
+        if (tile_offsets[mid] <= tile) pos = mid; else hi = mid;
+    }
+    return pos;
 }

@@ -76,7 +76,7 @@ def _wgmma(head_dim, block_n, warpgroups=2, head_dim_v=None):
 MMA_SYNC = {32: _mma_sync(32, 128, 64), 64: _mma_sync(64, 128, 64), 96: _mma_sync(96, 128, 32),
             128: _mma_sync(128, 128, 32), 192: _mma_sync(192, 64, 64), 256: _mma_sync(256, 64, 64)}
 # Hopper, by (head_dim, head_dim_v): kernels_cu/flash_fwd_hopper.cu says why these tiles.
-WGMMA = {(32, 32): _wgmma(32, 128, 1), (64, 64): _wgmma(64, 64, 1), (96, 96): _wgmma(96, 128),
+WGMMA = {(32, 32): _wgmma(32, 128, 1), (64, 64): _wgmma(64, 128, 1), (96, 96): _wgmma(96, 128),
          (128, 128): _wgmma(128, 128), (192, 192): _wgmma(192, 64), (256, 256): _wgmma(256, 64),
          (192, 128): _wgmma(192, 64, head_dim_v=128)}
 HEAD_DIMS_V_DIFFERING = tuple(dims for dims in WGMMA if dims[0] != dims[1])
