@@ -21,8 +21,9 @@
 // host, ceil(total_q / BLOCK_M) + batch, times heads (heads fastest, so a
 // tile's heads run together and share K/V in L2); CTAs past the real count
 // exit at once. No device->host sync, few idle CTAs, and the longest tiles
-// start first on skewed batches. On sm_90a, flash_fwd_hopper.cu takes the
-// head dims 64, 128 and 256 with wgmma instead.
+// start first on skewed batches. On sm_90a, flash_fwd_hopper.cu takes every
+// head dim with wgmma instead (this kernel only where the copy engine cannot
+// walk the tensors' strides).
 //
 // Tiles: 4 warps. A warp owns BLOCK_M / 4 query rows (one or two m16 slices),
 // so each K/V fragment it reads from shared memory feeds all of its rows.
