@@ -1,4 +1,4 @@
-"""The six workloads of DESIGN.md (W1-W6), defined once for every suite.
+"""The workloads (W1-W9), defined once for every suite.
 
 Lengths are drawn with fixed seeds; data is random normal, never zeros.
 VARATTN_BENCH_SMOKE=1 shrinks every workload (lengths / 16, at most 4
@@ -95,6 +95,11 @@ def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, dec
     return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode, mask)
 
 
+def _many_short(seed, count=4000):
+    rng = random.Random(seed)
+    return [rng.randint(1, 64) for _ in range(count)]
+
+
 def _decode_keys(seed):
     rng = random.Random(seed)
     return [rng.randint(512, 8192) for _ in range(64)]
@@ -113,6 +118,8 @@ WORKLOADS = {
     # W1's batch with an arbitrary mask: half of each sequence's 64 x 64 blocks hidden
     "W8": _make("W8", "docs, random 64-block mask", _docs(1), _docs(1), 16, 128, torch.bfloat16, False,
                 mask="blocks"),
+    # thousands of sequences shorter than one tile: what a fixed cost per tile costs
+    "W9": _make("W9", "many short", _many_short(9), _many_short(9), 16, 128, torch.bfloat16, False),
 }
 
 
