@@ -123,6 +123,16 @@ WORKLOADS = {
 }
 
 
+# Every head dim the flash backend takes, fp16 and bf16, full and causal, on
+# W1's sequences with H = 2048 / D (the same work per token at every head dim).
+HEAD_DIM_WORKLOADS = {
+    f"D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}":
+        _make(f"D{d} {str(dtype)[6:]} {'causal' if causal else 'full'}", f"docs H{2048 // d}", _docs(1), _docs(1),
+              2048 // d, d, dtype, causal)
+    for d in (32, 64, 96, 128, 192, 256) for dtype in (torch.bfloat16, torch.float16) for causal in (False, True)
+}
+
+
 class Inputs:
     """One workload's data in every form a comparator needs, built on `device`."""
 
