@@ -133,6 +133,23 @@ def test_decisions_on_cuda(gen, fake_device, dtype, head_dim, call, chosen):
     assert on_cuda(gen, dtype, head_dim, **call).chosen == chosen
 
 
+@pytest.mark.parametrize("capability, head_dims, grad, chosen, flash_says", [
+    ((9, 0), (192, 128), False, Backend.FLASH, None),
+    ((9, 0), (192, 128), True, Backend.MATH, "the backward needs head_dim_v == head_dim"),
+    ((8, 0), (192, 128), False, Backend.MATH, "head_dim_v != head_dim runs on Hopper (sm_90a) only"),
+    ((9, 0), (128, 64), False, Backend.MATH, "(head_dim, head_dim_v) (128, 64) differ: the forward takes (192, 128) only"),
+], ids=str)
+def test_head_dim_v_differs_on_cuda(gen, fake_device, capability, head_dims, grad, chosen, flash_says):
+    """flash's forward takes D_v != D on Hopper at the pairs it has kernels for; elsewhere, and with a
+    backward, the call goes to math (efficient takes one head dim) and flash says why."""
+    fake_device(capability=capability)
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, *head_dims, dtype=torch.bfloat16)
+    explanation = dispatch.explain_params(OnCuda(build_params(q.requires_grad_(grad), k, v, cu_q, cu_k, 5, 5)))
+    assert explanation.chosen == chosen
+    if flash_says:
+        assert any(flash_says in why for why in explanation.reasons[Backend.FLASH])
+
+
 @pytest.mark.parametrize("dtype, head_dim, call, expected", [
     (torch.float64, 64, dict(), "dtype torch.float64 not in torch.float16, torch.bfloat16, torch.float32"),
     (torch.float16, 12, dict(), "head_dim 12 is not a multiple of 8"),
