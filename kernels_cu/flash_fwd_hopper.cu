@@ -18,9 +18,9 @@
 //     the tensor cores from 128-byte-swizzled shared memory (m64nBLOCK_Nk16),
 //     issued together with O += P(i-1) V(i-1) (P from registers, V read
 //     MN-major, m64nPV_Nk16); the masks and online softmax of S(i)
-//     (block_ranges.cuh, softmax.cuh) run on the CUDA cores while the tensor cores finish
-//     P(i-1) V(i-1); each warp releases K(i) and V(i-1) once its wgmma reads
-//     are done. No CTA-wide barrier in the loop. Two warpgroups take turns
+//     (block_ranges.cuh, softmax.cuh) run on the CUDA cores while the
+//     tensor cores finish P(i-1) V(i-1); each warp releases K(i) and V(i-1)
+//     once its wgmma reads are done. No CTA-wide barrier in the loop. Two warpgroups take turns
 //     at issuing their products (two named barriers), so that the tensor
 //     cores run one's while the other computes its softmax.
 //   Then O / l and the LSE, once (epilogues.cuh: write_rows).
@@ -40,7 +40,7 @@
 //   head_dim 128:  2 consumer warpgroups, BLOCK_N 128  (176 no faster on W1, slower on short sequences)
 //   head_dim 192:  2 consumer warpgroups, BLOCK_N 64   (128 does not fit the shared memory)
 //   head_dim 256:  2 consumer warpgroups, BLOCK_N 64   (likewise)
-//   192, D_v 128:  2 consumer warpgroups, BLOCK_N 64   (128 with two V buffers measured the same)
+//   192, D_v 128:  2 consumer warpgroups, BLOCK_N 64   (128 with two V buffers within 4 %)
 // The largest S that fits beside O in the consumers' registers; one
 // warpgroup where two CTAs then share an SM (short sequences keep it busy).
 // At head_dim 256 one consumer warpgroup does not build (ptxas wants 158
