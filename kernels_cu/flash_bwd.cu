@@ -35,11 +35,43 @@
 //
 // Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
-// 128 fit. Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a, default mode):
-//   head_dim  32: 180 / 214     head_dim  96: 251 / 255
-//   head_dim  64: 229 / 236     head_dim 128: 255 / 255, spilling 24 / 48 bytes
-// Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T, lse and
-// delta: 38 KB at head_dim 32, 79 KB at 128 (two CTAs per SM).
+// 128 fit. Shared memory: K, V, Q, dO tiles (rows padded by 16 bytes), dS^T,
+// lse and delta (two CTAs per SM). Instance = <type, head_dim, deterministic>:
+// resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                       arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_bwd<bf16_t, 32, false>   sm_80         184               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 32, false>   sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 32, true>    sm_80         218               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 32, true>    sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 64, false>   sm_80         232               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 64, false>   sm_90a        236               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 64, true>    sm_80         240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 64, true>    sm_90a        240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 96, false>   sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<bf16_t, 96, false>   sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<bf16_t, 96, true>    sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<bf16_t, 96, true>    sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<bf16_t, 128, false>  sm_80         255             32 / 48 B   32 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 128, false>  sm_90a        255             60 / 76 B   64 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 128, true>   sm_80         255               0 / 0 B    0 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 128, true>   sm_90a        255             68 / 84 B   72 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 32, false>   sm_80         184               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 32, false>   sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 32, true>    sm_80         218               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 32, true>    sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 64, false>   sm_80         232               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 64, false>   sm_90a        236               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 64, true>    sm_80         240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 64, true>    sm_90a        240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 96, false>   sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<half_t, 96, false>   sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<half_t, 96, true>    sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<half_t, 96, true>    sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<half_t, 128, false>  sm_80         255             32 / 48 B   32 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 128, false>  sm_90a        255             60 / 76 B   64 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 128, true>   sm_80         255               0 / 0 B    0 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 128, true>   sm_90a        255             68 / 84 B   72 B  0 B + 77.5 KB
+// end of resources
 // Element masks only on pairs of tiles that cross a mask edge (W1 10.2 ->
 // 9.3 ms). Measured (H100, bf16, head_dim 128, backward alone): dQ by
 // atomics W1 8.7 ms, W2 4.8 ms; by bulk reductions 5.6 / 3.1 ms (193 / 172

@@ -43,10 +43,10 @@
 // branches and their convergence barriers cost a quarter of the loop's
 // instructions. "registers" below is the launch's cap; after setmaxnreg the
 // consumers have 240.
-// resources: NVRTC 13.5, sm_90a, -Xptxas -v (tools/kernel_resources.py writes this table)
-//   instance                       registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_bwd_hopper<bf16_t, 128>        168               0 / 0 B    0 B  48 B + 194.0 KB
-//   flash_bwd_hopper<half_t, 128>        168               0 / 0 B    0 B  48 B + 194.0 KB
+// resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                       arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_bwd_hopper<bf16_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"

@@ -27,18 +27,38 @@
 //
 // Tiles: 4 warps. A warp owns BLOCK_M / 4 query rows (one or two m16 slices),
 // so each K/V fragment it reads from shared memory feeds all of its rows.
-// Registers per thread (nvcc 13.0 -Xptxas -v, sm_80 / sm_90a; no spills):
-//   head_dim  32:  BLOCK_M 128, BLOCK_N 64   181 / 194   shared 30 KB
-//   head_dim  64:  BLOCK_M 128, BLOCK_N 64   238 / 239   shared 36 KB
-//   head_dim  96:  BLOCK_M 128, BLOCK_N 32   230 / 238   shared 39 KB
-//   head_dim 128:  BLOCK_M 128, BLOCK_N 32   255 / 254   shared 51 KB
-//   head_dim 192:  BLOCK_M 64,  BLOCK_N 64   222 / 230   shared 75 KB
-//   head_dim 256:  BLOCK_M 64,  BLOCK_N 64   246 / 252   shared 99 KB
+// Tiles (flash.py: MMA_SYNC; instance = <type, head_dim, BLOCK_M, BLOCK_N>):
 // O takes BLOCK_M / 4 * HEAD_DIM / 32 fp32 registers per thread and S
 // BLOCK_M / 4 * BLOCK_N / 32: at head_dim >= 96 the key tile shrinks to 32
 // (BLOCK_N 64 spilled at 128) and past 128 the query tile to 64. Two CTAs per
-// SM (launch bound), 8 warps. Measured on the H100 at head_dim 128 the wgmma
-// kernel is faster (W1: 311 against 264 TFLOP/s), so sm_90a uses it there.
+// SM (launch bound), 8 warps.
+// resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                         arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_fwd<bf16_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<bf16_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<bf16_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
+//   flash_fwd<bf16_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
+//   flash_fwd<bf16_t, 96, 128, 32>   sm_80         230               0 / 0 B    0 B  0 B + 39.0 KB
+//   flash_fwd<bf16_t, 96, 128, 32>   sm_90a        239               0 / 0 B    0 B  0 B + 39.0 KB
+//   flash_fwd<bf16_t, 128, 128, 32>  sm_80         255               0 / 0 B    0 B  0 B + 51.0 KB
+//   flash_fwd<bf16_t, 128, 128, 32>  sm_90a        255               0 / 0 B    0 B  0 B + 51.0 KB
+//   flash_fwd<bf16_t, 192, 64, 64>   sm_80         221               0 / 0 B    0 B  0 B + 75.0 KB
+//   flash_fwd<bf16_t, 192, 64, 64>   sm_90a        231               0 / 0 B    0 B  0 B + 75.0 KB
+//   flash_fwd<bf16_t, 256, 64, 64>   sm_80         249               0 / 0 B    0 B  0 B + 99.0 KB
+//   flash_fwd<bf16_t, 256, 64, 64>   sm_90a        253               0 / 0 B    0 B  0 B + 99.0 KB
+//   flash_fwd<half_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<half_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<half_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
+//   flash_fwd<half_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
+//   flash_fwd<half_t, 96, 128, 32>   sm_80         230               0 / 0 B    0 B  0 B + 39.0 KB
+//   flash_fwd<half_t, 96, 128, 32>   sm_90a        239               0 / 0 B    0 B  0 B + 39.0 KB
+//   flash_fwd<half_t, 128, 128, 32>  sm_80         255               0 / 0 B    0 B  0 B + 51.0 KB
+//   flash_fwd<half_t, 128, 128, 32>  sm_90a        255               0 / 0 B    0 B  0 B + 51.0 KB
+//   flash_fwd<half_t, 192, 64, 64>   sm_80         221               0 / 0 B    0 B  0 B + 75.0 KB
+//   flash_fwd<half_t, 192, 64, 64>   sm_90a        231               0 / 0 B    0 B  0 B + 75.0 KB
+//   flash_fwd<half_t, 256, 64, 64>   sm_80         249               0 / 0 B    0 B  0 B + 99.0 KB
+//   flash_fwd<half_t, 256, 64, 64>   sm_90a        253               0 / 0 B    0 B  0 B + 99.0 KB
+// end of resources
 // Shared rows are padded by 16 bytes, so ldmatrix's eight row addresses fall
 // in distinct banks for every head dim without a swizzle.
 #include "block_ranges.cuh"

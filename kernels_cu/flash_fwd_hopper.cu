@@ -47,22 +47,22 @@
 // registers at the m64n256 instruction, above the 128 of two CTAs per SM).
 // "registers" below is the launch's cap (65536 over the CTAs of an SM);
 // after setmaxnreg the consumers have up to 240, the producer 24.
-// resources: NVRTC 13.5, sm_90a, -Xptxas -v (tools/kernel_resources.py writes this table)
-//   instance                                    registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>         168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2>         168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<half_t, 32, 32, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 64, 64, 128, 1>          128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 96, 96, 128, 2>          168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 128, 2>        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 192, 128, 64, 2>         168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<half_t, 192, 192, 64, 2>         168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<half_t, 256, 256, 64, 2>         168               0 / 0 B    0 B  96 B + 225.0 KB
+// resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                                    arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"

@@ -1,4 +1,4 @@
-"""The resource tables at the top of the Hopper kernel files are what ptxas
+"""The resource tables at the top of the flash kernel files are what ptxas
 reports for the code as it is (tools/kernel_resources.py writes them)."""
 from __future__ import annotations
 

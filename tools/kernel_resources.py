@@ -1,10 +1,10 @@
-"""The resource tables at the top of the Hopper kernel files, generated.
+"""The resource tables at the top of the flash kernel files, generated.
 
-For every registered instance of a family in TABLES, NVRTC compiles it for
-sm_90a with ptxas' verbose report, and the registers, spills, stack and
-shared memory it reports (with the dynamic shared memory the host launches
-it with) replace the lines between the family's `// resources:` and
-`// end of resources` markers. The table names the NVRTC that made it;
+For every main instance of a family in TABLES, NVRTC compiles it for each of
+the family's architectures with ptxas' verbose report, and the registers,
+spills, stack and shared memory it reports (with the dynamic shared memory
+the host launches it with) replace the lines between the family's
+`// resources:` and `// end of resources` markers. The table names the NVRTC that made it;
 tests/test_kernel_resources.py rebuilds it with the same NVRTC and fails when
 the file differs, so a kernel change that moves a number cannot land without
 the table.
@@ -27,46 +27,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from varattn.backends import flash  # noqa: E402  (registers the families)
 from varattn.cuda import loader  # noqa: E402
 
-ARCH = "sm_90a"
 BEGIN, END = "// resources:", "// end of resources"
 _REPORT = re.compile(
     r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads\s*\n"
-    r"ptxas info\s*: Used (?P<registers>\d+) registers.*?(?P<smem>\d+) bytes smem")
+    r"ptxas info\s*: Used (?P<registers>\d+) registers(?:[^\n]*?(?P<smem>\d+) bytes smem)?")
 
 
-def _forward_shared_mem() -> dict[str, int]:
-    return {kernel.instance(dtype): kernel.shared_mem for kernel in flash.WGMMA.values() for dtype in flash.STORAGE_TYPES}
+def _forward_shared_mem(kernels) -> dict[str, int]:
+    return {kernel.instance(dtype): kernel.shared_mem for kernel in kernels for dtype in flash.STORAGE_TYPES}
 
 
 def _backward_shared_mem() -> dict[str, int]:
+    return {f"flash_bwd<{dtype}, {head_dim}, {mode}>": flash.backward_shared_mem(head_dim)
+            for head_dim in flash.BACKWARD_HEAD_DIMS for dtype in flash.STORAGE_TYPES.values()
+            for mode in ("false", "true")}
+
+
+def _hopper_backward_shared_mem() -> dict[str, int]:
     return {f"flash_bwd_hopper<{dtype}, {head_dim}>": flash.hopper_backward_shared_mem(head_dim)
             for head_dim in flash.HOPPER_BACKWARD_HEAD_DIMS for dtype in flash.STORAGE_TYPES.values()}
 
 
-# family -> the instances the table lists (the main kernels; their small
-# helper kernels are left out), with the dynamic shared memory of each
-TABLES = {"flash_fwd_hopper": _forward_shared_mem, "flash_bwd_hopper": _backward_shared_mem}
+# family -> (the architectures it runs on, the instances the table lists
+# (the main kernels; their small helper kernels are left out) with the
+# dynamic shared memory of each)
+TABLES = {
+    "flash_fwd": (("sm_80", "sm_90a"), lambda: _forward_shared_mem(flash.MMA_SYNC.values())),
+    "flash_fwd_hopper": (("sm_90a",), lambda: _forward_shared_mem(flash.WGMMA.values())),
+    "flash_bwd": (("sm_80", "sm_90a"), _backward_shared_mem),
+    "flash_bwd_hopper": (("sm_90a",), _hopper_backward_shared_mem),
+}
 
 
-def report(family: str, instance: str) -> dict[str, int]:
+def report(family: str, instance: str, arch: str) -> dict[str, int]:
     """ptxas' figures for one instance."""
-    compiled = loader.compile_for_arch(loader.source(family), [instance], ARCH, ("-Xptxas=-v",))
+    compiled = loader.compile_for_arch(loader.source(family), [instance], arch, ("-Xptxas=-v",))
     log = compiled.log
     found = _REPORT.search(log[log.index(f"Function properties for {compiled.lowered[instance]}"):])
-    return {key: int(value) for key, value in found.groupdict().items()}
+    return {key: int(value or 0) for key, value in found.groupdict().items()}  # smem: none reported is 0
 
 
 def table(family: str, version: str, pool) -> list[str]:
-    """The comment lines of `family`'s table, markers included."""
-    shared = TABLES[family]()
+    """The comment lines of `family`'s table, markers included: a row per
+    instance and architecture."""
+    arches, listed = TABLES[family]
+    shared = listed()
     instances = sorted(shared, key=lambda name: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name)])
-    figures = pool.map(report, [family] * len(instances), instances)
+    rows = [(name, arch) for name in instances for arch in arches]
+    figures = pool.map(report, [family] * len(rows), *zip(*rows))
     width = max(len(name) for name in instances)
-    lines = [f"{BEGIN} NVRTC {version}, {ARCH}, -Xptxas -v (tools/kernel_resources.py writes this table)",
-             f"//   {'instance':<{width}}  registers  spill stores / loads  stack  shared: static + dynamic"]
-    for name, f in zip(instances, figures):
+    lines = [f"{BEGIN} NVRTC {version}, -Xptxas -v (tools/kernel_resources.py writes this table)",
+             f"//   {'instance':<{width}}  arch    registers  spill stores / loads  stack  shared: static + dynamic"]
+    for (name, arch), f in zip(rows, figures):
         spills = f"{f['stores']} / {f['loads']} B"
-        lines.append(f"//   {name:<{width}}  {f['registers']:>9}  {spills:>20}  {f['stack']:>3} B  "
+        lines.append(f"//   {name:<{width}}  {arch:<6}  {f['registers']:>9}  {spills:>20}  {f['stack']:>3} B  "
                      f"{f['smem']} B + {shared[name] / 1024:.1f} KB")
     return lines + [END]
 
