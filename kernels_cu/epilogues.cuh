@@ -60,22 +60,19 @@ __device__ __forceinline__ void store_dk_dv(const AttnParams& p, const BwdParams
     }
 }
 
-// Hand each pair of this thread's dQ elements (a warp's 16 rows, mma layout),
-// scaled, to add(address, x, y), in the first `rows` rows and `columns` columns.
+// Hand each pair of this thread's dQ elements (a warp's 16 rows x head_dim,
+// mma layout), scaled, to add(address, x, y), in the first `rows` rows.
 template <int D_BLOCKS, typename Add>
 __device__ __forceinline__ void add_dq(const float (&dq)[D_BLOCKS * 4], float* dq_rows, long long row_stride, int rows,
-                                       int columns, float scale, Add add) {
+                                       float scale, Add add) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = lane / 4 + 8 * r;
         if (row >= rows) continue;
 #pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j) {
-            const int c = 8 * j + 2 * (lane % 4);
-            if (c >= columns) continue;
-            add(dq_rows + row * row_stride + c, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-        }
+        for (int j = 0; j < D_BLOCKS; ++j)
+            add(dq_rows + row * row_stride + 8 * j + 2 * (lane % 4), dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
     }
 }
 
@@ -99,7 +96,20 @@ __device__ __forceinline__ void add_dq_rows(const float (&dq)[D_BLOCKS * 4], flo
     if (lane < 16 && columns > 0 && lane < rows)
         bulk_reduce_add_f32(dq_rows + lane * row_stride, smem_address(staging + lane * pitch), columns * 4);
 #else
-    add_dq<D_BLOCKS>(dq, dq_rows, row_stride, rows, columns, scale,
-                     [](float* at, float x, float y) { atomicAdd(at, x); atomicAdd(at + 1, y); });
+    // an atomic per element as it is scaled, not add_dq's pairs: holding both
+    // of a pair across the first atomic made ptxas spill (efficient_bwd)
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = lane / 4 + 8 * r;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < D_BLOCKS; ++j) {
+            const int c = 8 * j + 2 * (lane % 4);
+            if (c >= columns) continue;
+            atomicAdd(dq_rows + row * row_stride + c, dq[4 * j + 2 * r] * scale);
+            atomicAdd(dq_rows + row * row_stride + c + 1, dq[4 * j + 2 * r + 1] * scale);
+        }
+    }
 #endif
 }

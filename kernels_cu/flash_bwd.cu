@@ -41,36 +41,36 @@
 //   instance                       arch    registers  spill stores / loads  stack  shared: static + dynamic
 //   flash_bwd<bf16_t, 32, false>   sm_80         184               0 / 0 B    0 B  0 B + 29.5 KB
 //   flash_bwd<bf16_t, 32, false>   sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
-//   flash_bwd<bf16_t, 32, true>    sm_80         218               0 / 0 B    0 B  0 B + 29.5 KB
-//   flash_bwd<bf16_t, 32, true>    sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 32, true>    sm_80         217               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<bf16_t, 32, true>    sm_90a        199               0 / 0 B    0 B  0 B + 29.5 KB
 //   flash_bwd<bf16_t, 64, false>   sm_80         232               0 / 0 B    0 B  0 B + 45.5 KB
 //   flash_bwd<bf16_t, 64, false>   sm_90a        236               0 / 0 B    0 B  0 B + 45.5 KB
-//   flash_bwd<bf16_t, 64, true>    sm_80         240               0 / 0 B    0 B  0 B + 45.5 KB
-//   flash_bwd<bf16_t, 64, true>    sm_90a        240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 64, true>    sm_80         239               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<bf16_t, 64, true>    sm_90a        239               0 / 0 B    0 B  0 B + 45.5 KB
 //   flash_bwd<bf16_t, 96, false>   sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
 //   flash_bwd<bf16_t, 96, false>   sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
 //   flash_bwd<bf16_t, 96, true>    sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
-//   flash_bwd<bf16_t, 96, true>    sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
-//   flash_bwd<bf16_t, 128, false>  sm_80         255             32 / 48 B   32 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 96, true>    sm_90a        254               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<bf16_t, 128, false>  sm_80         255             28 / 44 B   32 B  0 B + 77.5 KB
 //   flash_bwd<bf16_t, 128, false>  sm_90a        255             60 / 76 B   64 B  0 B + 77.5 KB
-//   flash_bwd<bf16_t, 128, true>   sm_80         255               0 / 0 B    0 B  0 B + 77.5 KB
-//   flash_bwd<bf16_t, 128, true>   sm_90a        255             68 / 84 B   72 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 128, true>   sm_80         255             36 / 36 B   40 B  0 B + 77.5 KB
+//   flash_bwd<bf16_t, 128, true>   sm_90a        255             52 / 68 B   56 B  0 B + 77.5 KB
 //   flash_bwd<half_t, 32, false>   sm_80         184               0 / 0 B    0 B  0 B + 29.5 KB
 //   flash_bwd<half_t, 32, false>   sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
-//   flash_bwd<half_t, 32, true>    sm_80         218               0 / 0 B    0 B  0 B + 29.5 KB
-//   flash_bwd<half_t, 32, true>    sm_90a        202               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 32, true>    sm_80         217               0 / 0 B    0 B  0 B + 29.5 KB
+//   flash_bwd<half_t, 32, true>    sm_90a        199               0 / 0 B    0 B  0 B + 29.5 KB
 //   flash_bwd<half_t, 64, false>   sm_80         232               0 / 0 B    0 B  0 B + 45.5 KB
 //   flash_bwd<half_t, 64, false>   sm_90a        236               0 / 0 B    0 B  0 B + 45.5 KB
-//   flash_bwd<half_t, 64, true>    sm_80         240               0 / 0 B    0 B  0 B + 45.5 KB
-//   flash_bwd<half_t, 64, true>    sm_90a        240               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 64, true>    sm_80         239               0 / 0 B    0 B  0 B + 45.5 KB
+//   flash_bwd<half_t, 64, true>    sm_90a        239               0 / 0 B    0 B  0 B + 45.5 KB
 //   flash_bwd<half_t, 96, false>   sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
 //   flash_bwd<half_t, 96, false>   sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
 //   flash_bwd<half_t, 96, true>    sm_80         255               0 / 0 B    0 B  0 B + 61.5 KB
-//   flash_bwd<half_t, 96, true>    sm_90a        255               0 / 0 B    0 B  0 B + 61.5 KB
-//   flash_bwd<half_t, 128, false>  sm_80         255             32 / 48 B   32 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 96, true>    sm_90a        254               0 / 0 B    0 B  0 B + 61.5 KB
+//   flash_bwd<half_t, 128, false>  sm_80         255             28 / 44 B   32 B  0 B + 77.5 KB
 //   flash_bwd<half_t, 128, false>  sm_90a        255             60 / 76 B   64 B  0 B + 77.5 KB
-//   flash_bwd<half_t, 128, true>   sm_80         255               0 / 0 B    0 B  0 B + 77.5 KB
-//   flash_bwd<half_t, 128, true>   sm_90a        255             68 / 84 B   72 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 128, true>   sm_80         255             36 / 36 B   40 B  0 B + 77.5 KB
+//   flash_bwd<half_t, 128, true>   sm_90a        255             52 / 68 B   56 B  0 B + 77.5 KB
 // end of resources
 // Element masks only on pairs of tiles that cross a mask edge (W1 10.2 ->
 // 9.3 ms). Measured (H100, bf16, head_dim 128, backward alone): dQ by
@@ -253,7 +253,7 @@ flash_bwd(const AttnParams p, const int* order, const int* tile_offsets, const B
                 }
                 if (threadIdx.x == 0) while (load_acquire(turn) != mine) {}
                 __syncthreads();
-                add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), HEAD_DIM, (float)p.scale,
+                add_dq<D_BLOCKS>(dq, dq_rows, dq_row_stride, queries.len - (m0 + warp * 16), (float)p.scale,
                                  [](float* at, float x, float y) {
                                      const float2 sum = __ldcg((float2*)at);  // from L2: another SM wrote it
                                      __stcg((float2*)at, make_float2(sum.x + x, sum.y + y));
