@@ -41,6 +41,9 @@
 //   head_dim 192:  2 consumer warpgroups, BLOCK_N 64   (128 does not fit the shared memory)
 //   head_dim 256:  2 consumer warpgroups, BLOCK_N 64   (likewise)
 //   192, D_v 128:  2 consumer warpgroups, BLOCK_N 64   (128 with two V buffers within 4 %)
+//   head_dim 128, every query sequence at most 64 rows (backends/flash.py:
+//                  SHORT_QUERIES): 1 consumer warpgroup, BLOCK_N 64, two CTAs
+//                  per SM (a 128-row tile would be half idle)
 // The largest S that fits beside O in the consumers' registers; one
 // warpgroup where two CTAs then share an SM (short sequences keep it busy).
 // At head_dim 256 one consumer warpgroup does not build (ptxas wants 158
@@ -52,6 +55,7 @@
 //   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<bf16_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
 //   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
@@ -59,6 +63,7 @@
 //   flash_fwd_hopper<half_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
 //   flash_fwd_hopper<half_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
 //   flash_fwd_hopper<half_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
 //   flash_fwd_hopper<half_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB

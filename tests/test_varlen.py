@@ -285,6 +285,23 @@ def test_flash_head_dim_v_differs_on_hopper(gen, dtype, mask):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+@pytest.mark.parametrize("one_sm", [False, True], ids=["grid", "one-sm"])
+def test_flash_short_queries(gen, monkeypatch, dtype, mask, one_sm):
+    """Query sequences of at most SHORT_QUERIES rows (decode, speculative
+    decoding, many short sequences) against longer keys: the short-query
+    tiles on Hopper, also with one SM's CTAs looping over every tile."""
+    from varattn.backends import flash
+    if one_sm:
+        monkeypatch.setattr(flash.loader, "multiprocessors", lambda index: 1)
+    heads = [(8, 8), (8, 2), (16, 1)][hash(str(mask)) % 3]
+    lengths_q = reference.lengths(gen, 9, flash.SHORT_QUERIES)
+    lengths_k = reference.lengths(gen, 9, 700)
+    check(gen, dtype, "cuda", backend="flash", head_dim=128, heads=heads, lengths=(lengths_q, lengths_k), **mask)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flash_seqused_and_long_sequences(gen, head_dim):
     check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, seqused=True, batch=4, longest=2100,

@@ -80,18 +80,28 @@ WGMMA = {(32, 32): _wgmma(32, 128, 1), (64, 64): _wgmma(64, 128, 1), (96, 96): _
          (128, 128): _wgmma(128, 128), (192, 192): _wgmma(192, 64), (256, 256): _wgmma(256, 64),
          (192, 128): _wgmma(192, 64, head_dim_v=128)}
 HEAD_DIMS_V_DIFFERING = tuple(dims for dims in WGMMA if dims[0] != dims[1])
+# Hopper, where every query sequence fits in SHORT_QUERIES rows (decode,
+# many short sequences): one consumer warpgroup of 64 rows, so that two CTAs
+# share an SM and half of a 128-row tile is not idle.
+SHORT_QUERIES = 64
+WGMMA_SHORT = {(128, 128): _wgmma(128, 64, 1)}
 
 
-def kernel_for(head_dim: int, head_dim_v: int, arch: str) -> Kernel:
-    """wgmma on Hopper (sm_90a), mma.sync elsewhere (head_dim_v == head_dim only)."""
-    if arch == "sm_90a" and (head_dim, head_dim_v) in WGMMA:
-        return WGMMA[head_dim, head_dim_v]
+def kernel_for(head_dim: int, head_dim_v: int, arch: str, max_seqlen_q: int | None = None) -> Kernel:
+    """wgmma on Hopper (sm_90a), mma.sync elsewhere (head_dim_v == head_dim
+    only); max_seqlen_q: the longest query sequence, which picks the
+    short-query tiles at or below SHORT_QUERIES."""
+    if arch == "sm_90a":
+        if max_seqlen_q is not None and max_seqlen_q <= SHORT_QUERIES and (head_dim, head_dim_v) in WGMMA_SHORT:
+            return WGMMA_SHORT[head_dim, head_dim_v]
+        if (head_dim, head_dim_v) in WGMMA:
+            return WGMMA[head_dim, head_dim_v]
     return MMA_SYNC[head_dim]
 
 
-for _family, _table in (("flash_fwd", MMA_SYNC), ("flash_fwd_hopper", WGMMA)):
-    loader.register_family(_family, sorted({k.instance(t) for k in _table.values() for t in STORAGE_TYPES}
-                                           | {f"flash_plan<{k.block_m}>" for k in _table.values()}))
+for _family, _kernels in (("flash_fwd", MMA_SYNC.values()), ("flash_fwd_hopper", [*WGMMA.values(), *WGMMA_SHORT.values()])):
+    loader.register_family(_family, sorted({k.instance(t) for k in _kernels for t in STORAGE_TYPES}
+                                           | {f"flash_plan<{k.block_m}>" for k in _kernels}))
 
 
 def reasons(params) -> list[str]:
@@ -119,11 +129,14 @@ def reasons(params) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernels(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_index: int, wgmma: bool = True):
+def _forward_kernels(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_index: int, short: bool,
+                     wgmma: bool = True):
     """(Kernel, its plan kernel, its forward kernel) for the call's dtype,
-    head dims and device: kernel_for's choice, or mma.sync when not `wgmma`."""
+    head dims, device and whether its queries are short: kernel_for's
+    choice, or mma.sync when not `wgmma`."""
     device = torch.device("cuda", device_index)
-    chosen = kernel_for(head_dim, head_dim_v, loader.arch_of(device)) if wgmma else MMA_SYNC[head_dim]
+    chosen = (kernel_for(head_dim, head_dim_v, loader.arch_of(device), SHORT_QUERIES if short else None) if wgmma
+              else MMA_SYNC[head_dim])
     return (chosen, loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
             loader.kernel(chosen.family, chosen.instance(dtype), device, dynamic_shared_mem=chosen.shared_mem))
 
@@ -138,7 +151,8 @@ def forward(params):
     if q.shape[0] == 0 or batch == 0:
         return out, lse
     head_dim, head_dim_v, index = q.shape[2], v.shape[2], q.get_device()
-    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index)
+    short = params.max_seqlen_q <= SHORT_QUERIES
+    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short)
     maps = ()
     if chosen.family == "flash_fwd_hopper":
         try:
@@ -148,7 +162,7 @@ def forward(params):
             if head_dim_v != head_dim:  # no mma.sync kernel to fall back on
                 raise
             log.info("varattn: %s; using the mma.sync kernel", error)
-            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, False)
+            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short, False)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
     plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
