@@ -16,10 +16,13 @@ __device__ __forceinline__ bool right_bound(const AttnParams& p, long long& righ
     return p.causal || p.window_right >= 0;
 }
 
-// One work item of the plan: query rows [m0, m0 + BLOCK_M) of sequence b,
-// head h, and the key tiles [first_tile, end_tile) some of its rows may see.
+// One work item of the plan: rows [m0, m0 + BLOCK_M) of sequence b, head h,
+// and the key tiles [first_tile, end_tile) some of its rows may see. A row
+// is a query, or with packed GQA (PACKED_QUERY_ROWS) query row / G of head
+// h + row % G, h the first of key/value head h_kv's G query heads.
 struct FlashTile {
-    int b, h, h_kv, m0, last_row;  // last_row: the tile's last query row that exists
+    int b, h, h_kv, m0;
+    int first_query, last_row;    // the tile's first query, and its last one that exists
     SeqSpan queries, keys;
     long long diagonal;           // key index on the diagonal of query 0
     bool bounded_right;
@@ -27,25 +30,31 @@ struct FlashTile {
     int first_tile, end_tile;
 };
 
-template <int BLOCK_M, int BLOCK_N>
+// G when a tile's rows are packed, else 1.
+template <bool PACKED>
+__device__ __forceinline__ int packed_heads(const AttnParams& p) { return PACKED ? p.heads / p.heads_kv : 1; }
+
+template <int BLOCK_M, int BLOCK_N, bool PACKED = false>
 __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* order, const int* tile_offsets, int work,
                                             FlashTile& t) {
-    t.h = work % p.heads;
-    const int tile = work / p.heads;
+    const int group = packed_heads<PACKED>(p), heads = PACKED ? p.heads_kv : p.heads;
+    const int head = work % heads, tile = work / heads;
     if (tile >= tile_offsets[p.batch]) return false;
     const int pos = plan_position(p, tile_offsets, tile);
     t.b = order[pos];
     t.m0 = (tile_offsets[pos + 1] - 1 - tile) * BLOCK_M;  // a sequence's costliest (last) tile first
-    t.h_kv = t.h / (p.heads / p.heads_kv);
+    t.h_kv = PACKED ? head : head / (p.heads / p.heads_kv);
+    t.h = PACKED ? head * group : head;
     t.queries = query_span(p, t.b);
     t.keys = key_span(p, t.b);
-    t.last_row = min(t.m0 + BLOCK_M, t.queries.len) - 1;
+    t.first_query = t.m0 / group;
+    t.last_row = (min(t.m0 + BLOCK_M, t.queries.len * group) - 1) / group;
 
     t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
     t.bounded_right = right_bound(p, t.right);
     long long key_end = t.keys.len, key_begin = 0;
     if (t.bounded_right) key_end = min(key_end, max(0LL, t.last_row + t.diagonal + t.right + 1));
-    if (p.window_left >= 0) key_begin = max(0LL, t.m0 + t.diagonal - p.window_left);
+    if (p.window_left >= 0) key_begin = max(0LL, t.first_query + t.diagonal - p.window_left);
     t.first_tile = (int)(key_begin / BLOCK_N);
     t.end_tile = key_end > key_begin ? ceil_div((int)key_end, BLOCK_N) : t.first_tile;
     return true;
@@ -56,19 +65,20 @@ __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* orde
 template <int BLOCK_N>
 __device__ __forceinline__ bool crosses_edge(const AttnParams& p, const FlashTile& t, int n0) {
     return n0 + BLOCK_N > t.keys.len
-        || (t.bounded_right && (long long)n0 + BLOCK_N - 1 - t.m0 - t.diagonal > t.right)
+        || (t.bounded_right && (long long)n0 + BLOCK_N - 1 - t.first_query - t.diagonal > t.right)
         || (p.window_left >= 0 && (long long)n0 - t.last_row - t.diagonal < -(long long)p.window_left);
 }
 
-// Masks one thread's two rows of a score tile: row r (query i_r = first_row + 8 r)
-// sees keys [begin, end); this thread's columns are n0 + 8 j + 2 (lane % 4) + c.
+// Masks one thread's two rows of a score tile: row r (query i_r = (first_row
+// + 8 r) / packed_heads, FlashTile) sees keys [begin, end); this thread's
+// columns are n0 + 8 j + 2 (lane % 4) + c.
 template <int N_BLOCKS>
 __device__ __forceinline__ void mask_scores(const AttnParams& p, const FlashTile& t, int first_row, int n0,
-                                            float (&s)[N_BLOCKS * 4]) {
+                                            float (&s)[N_BLOCKS * 4], int packed_heads = 1) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const long long i = first_row + 8 * r;
+        const long long i = (first_row + 8 * r) / packed_heads;
         const long long column = n0 + 2 * (lane % 4);
         long long end = t.keys.len;
         if (t.bounded_right) end = min(end, i + t.diagonal + t.right + 1);
@@ -93,7 +103,7 @@ struct KeyTile {
     long long diagonal;  // key index on the diagonal of query 0
 };
 
-// flash_plan<BLOCK_N, true> laid the sequences' key tiles out in order; a CTA
+// flash_plan<BLOCK_N, KEY_ROWS> laid the sequences' key tiles out in order; a CTA
 // past the last tile has none.
 template <int BLOCK_N>
 __device__ __forceinline__ bool locate_key_tile(const AttnParams& p, const int* order, const int* tile_offsets,

@@ -5,8 +5,11 @@
 //
 // A persistent grid: each CTA takes tiles of the plan (tile_plan.cuh) in
 // turn, tile c, c + gridDim.x, ...; a tile = 64 x WARPGROUPS query rows of
-// one head and sequence. WARPGROUPS consumer warpgroups of 64 query rows
-// each, and one producer warpgroup.
+// one head and sequence, or with PACKED (packed GQA) the rows of every query
+// head of one key/value head's group, query-major (the Q copy's box spans
+// the group's heads, and the group's size divides the tile's rows), so that a group's
+// K and V are read once for all its heads. WARPGROUPS consumer warpgroups of
+// 64 rows each, and one producer warpgroup.
 //   Producer: one thread issues the bulk copies: a tile's Q once its buffer
 //     is free, then each K and V tile (2 K and 3 V buffers, in use across
 //     tiles) as soon as every consumer warp has released the buffer it goes
@@ -49,25 +52,43 @@
 // At head_dim 256 one consumer warpgroup does not build (ptxas wants 158
 // registers at the m64n256 instruction, above the 128 of two CTAs per SM).
 // "registers" below is the launch's cap (65536 over the CTAs of an SM);
-// after setmaxnreg the consumers have up to 240, the producer 24.
+// after setmaxnreg the consumers have up to 240, the producer 24. The
+// packed instances' spills are the producer's (its tile lookup divides by
+// the group) and the consumers' per-tile setup, none in the key-tile loop.
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
-//   instance                                    arch    registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<half_t, 32, 32, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 64, 64, 128, 1>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 96, 96, 128, 2>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 64, 1>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 128, 2>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 192, 128, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<half_t, 192, 192, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<half_t, 256, 256, 64, 2>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   instance                                           arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 80 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 80 B   40 B  96 B + 145.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 88 B   48 B  96 B + 169.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, true>    sm_90a        168             84 / 96 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 80 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 80 B   40 B  96 B + 145.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 88 B   48 B  96 B + 169.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2, true>    sm_90a        168             84 / 96 B   48 B  96 B + 225.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
@@ -136,7 +157,7 @@ __device__ __forceinline__ void produce(const FlashTile& t, const Visited& seen,
                                         const TensorMap& tma_q, const TensorMap& tma_k, const TensorMap& tma_v) {
     constexpr int BLOCK_N = S::BLOCK_N;
     const int tiles = t.end_tile - t.first_tile;
-    const int q_row = t.queries.start + t.m0, k_row = t.keys.start + t.first_tile * BLOCK_N;
+    const int q_row = t.queries.start + t.first_query, k_row = t.keys.start + t.first_tile * BLOCK_N;
     if (seen.q_tiles > 0) mbarrier_wait(sm.q_free(), (seen.q_tiles - 1) & 1);
     mbarrier_expect_bytes(sm.q_full(), S::Q_BYTES);
     for (int a = 0; a < S::ATOMS; ++a) tma_load(sm.q + a * S::BLOCK_M * 128, tma_q, 64 * a, t.h, q_row, sm.q_full());
@@ -154,8 +175,10 @@ __device__ __forceinline__ void produce(const FlashTile& t, const Visited& seen,
 }
 
 // A consumer warpgroup: its 64 query rows against every key tile, then the output.
+// Rows are packed (FlashTile) when packed_heads > 1.
 template <typename T, typename S>
-__device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t, const Visited& seen, const S& sm) {
+__device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t, const Visited& seen, const S& sm,
+                                        int packed_heads) {
     constexpr int HEAD_DIM = S::HEAD_DIM, BLOCK_N = S::BLOCK_N, WARPGROUPS = S::WARPGROUPS;
     constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = S::PV_N / 8;
     const int tiles = t.end_tile - t.first_tile, g0 = seen.key_tiles;
@@ -191,7 +214,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     };
     auto softmax = [&](int i, float (&rescale)[2]) {
         const int n0 = (t.first_tile + i) * BLOCK_N;
-        if (crosses_edge<BLOCK_N>(p, t, n0)) mask_scores<N_BLOCKS>(p, t, first_row, n0, s);
+        if (crosses_edge<BLOCK_N>(p, t, n0)) mask_scores<N_BLOCKS>(p, t, first_row, n0, s, packed_heads);
         softmax_scores<N_BLOCKS>(s, row_max, row_sum, scale_log2, rescale);
     };
     auto keep_p = [&]() {
@@ -278,7 +301,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         fence_registers(o);
         release(sm.v_free(last));
     }
-    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V);
+    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V, packed_heads);
 }
 
 // Registers per thread after the split (multiples of 8): the producer keeps
@@ -298,7 +321,7 @@ __host__ __device__ constexpr int consumer_registers() {
 // fastest, the longest sequences' costliest tiles first) until they run out,
 // so that the producer copies a tile's first operands while the consumers
 // finish the tile before. A grid with a CTA per tile runs each tile once.
-template <typename T, int HEAD_DIM, int HEAD_DIM_V, int BLOCK_N, int WARPGROUPS>
+template <typename T, int HEAD_DIM, int HEAD_DIM_V, int BLOCK_N, int WARPGROUPS, bool PACKED>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), 2 / WARPGROUPS)
 flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, const __grid_constant__ TensorMap tma_q,
                  const __grid_constant__ TensorMap tma_k, const __grid_constant__ TensorMap tma_v) {
@@ -310,7 +333,7 @@ flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
     sm.q = smem_address(shared_raw) + (1024 - smem_address(shared_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
     sm.barriers = smem_address(barriers);
 
-    if (blockIdx.x / p.heads >= tile_offsets[p.batch]) return;  // no tile for this CTA
+    if (blockIdx.x / (PACKED ? p.heads_kv : p.heads) >= tile_offsets[p.batch]) return;  // no tile for this CTA
     if (threadIdx.x == 0) sm.init();
     __syncthreads();
     FlashTile t;
@@ -318,14 +341,16 @@ flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
     if (threadIdx.x >= S::CONSUMERS) {
         set_max_registers_dec<PRODUCER_REGISTERS>();
         if (threadIdx.x != S::CONSUMERS) return;
-        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N>(p, order, tile_offsets, work, t); work += gridDim.x) {
+        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work, t);
+             work += gridDim.x) {
             if (t.end_tile > t.first_tile) produce(t, seen, sm, tma_q, tma_k, tma_v);
             seen.add(t);
         }
     } else {
         set_max_registers_inc<CONSUMER_REGISTERS>();
-        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N>(p, order, tile_offsets, work, t); work += gridDim.x) {
-            consume<T>(p, t, seen, sm);
+        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work, t);
+             work += gridDim.x) {
+            consume<T>(p, t, seen, sm, packed_heads<PACKED>(p));
             seen.add(t);
         }
     }

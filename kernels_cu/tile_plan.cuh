@@ -36,8 +36,12 @@ __device__ int block_inclusive_scan(int x, int* warp_totals) {
     return x;
 }
 
-// BY_KEYS: tiles of the keys instead (the backward's CTAs own key tiles).
-template <int BLOCK_M, bool BY_KEYS = false>
+// What a plan's tiles cover: query rows; key rows (the backward's CTAs own key
+// tiles); or packed query rows, each query once per head of its key/value
+// head's group (packed GQA: row r is query r / group, head r % group of it).
+enum PlanRows { QUERY_ROWS, KEY_ROWS, PACKED_QUERY_ROWS };
+
+template <int BLOCK_M, PlanRows ROWS = QUERY_ROWS>
 __global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, int* order, int* tile_offsets) {
     __shared__ int bucket_next[PLAN_BUCKETS];
     __shared__ int warp_totals[PLAN_THREADS / 32];
@@ -62,7 +66,13 @@ __global__ void __launch_bounds__(PLAN_THREADS) flash_plan(const AttnParams p, i
     if (threadIdx.x == 0) tile_offsets[0] = 0;
     for (int first = 0; first < p.batch; first += PLAN_THREADS) {
         const int pos = first + threadIdx.x;
-        const int tiles = pos < p.batch ? ceil_div(BY_KEYS ? key_span(p, order[pos]).len : query_span(p, order[pos]).len, BLOCK_M) : 0;
+        int rows = 0;
+        if (pos < p.batch) {
+            const int b = order[pos];
+            rows = ROWS == KEY_ROWS ? key_span(p, b).len : query_span(p, b).len;
+            if (ROWS == PACKED_QUERY_ROWS) rows *= p.heads / p.heads_kv;
+        }
+        const int tiles = ceil_div(rows, BLOCK_M);
         const int inclusive = block_inclusive_scan(tiles, warp_totals);
         if (pos < p.batch) tile_offsets[pos + 1] = carried + inclusive;
         if (threadIdx.x == PLAN_THREADS - 1) chunk_total = inclusive;

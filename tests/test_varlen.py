@@ -302,6 +302,29 @@ def test_flash_short_queries(gen, monkeypatch, dtype, mask, one_sm):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-head"])
+def test_flash_packed_gqa(gen, monkeypatch, head_dim, mask, packed):
+    """Packed GQA on Hopper (a tile's rows span the query heads of one
+    key/value head) and one head per tile, at group sizes that divide the
+    tile (2, 4, 8, 16 = MQA) and one that does not (3: never packed); long
+    and short query sequences, Lq != Lk, lengths 0 and 1; one SM's CTAs
+    looping over every tile."""
+    from varattn.backends import flash
+    if not packed:
+        monkeypatch.setattr(flash, "packs_gqa", lambda kernel, group: False)
+    monkeypatch.setattr(flash.loader, "multiprocessors", lambda index: 1)
+    flash._forward_kernels.cache_clear()
+    heads = [(8, 4), (8, 2), (16, 2), (16, 1), (6, 2)][FLASH_MASKS.index(mask) % 5]
+    check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, heads=heads, batch=7, longest=300, **mask)
+    lengths_q = reference.lengths(gen, 9, 40)
+    check(gen, torch.float16, "cuda", backend="flash", head_dim=head_dim, heads=heads,
+          lengths=(lengths_q, reference.lengths(gen, 9, 500)), **mask)
+    flash._forward_kernels.cache_clear()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flash_seqused_and_long_sequences(gen, head_dim):
     check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, seqused=True, batch=4, longest=2100,

@@ -53,7 +53,7 @@ def _hopper_backward_shared_mem() -> dict[str, int]:
 # dynamic shared memory of each)
 TABLES = {
     "flash_fwd": (("sm_80", "sm_90a"), lambda: _forward_shared_mem(flash.MMA_SYNC.values())),
-    "flash_fwd_hopper": (("sm_90a",), lambda: _forward_shared_mem([*flash.WGMMA.values(), *flash.WGMMA_SHORT.values()])),
+    "flash_fwd_hopper": (("sm_90a",), lambda: _forward_shared_mem(flash.HOPPER_KERNELS)),
     "flash_bwd": (("sm_80", "sm_90a"), _backward_shared_mem),
     "flash_bwd_hopper": (("sm_90a",), _hopper_backward_shared_mem),
 }

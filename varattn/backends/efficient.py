@@ -127,7 +127,7 @@ _COMPILED = [(dtype, bucket, count) for dtype in STORAGE_TYPES for bucket in HEA
 loader.register_family("efficient_fwd", [forward_instance(*c).name for c in _COMPILED]
                        + sorted({f"flash_plan<{forward_instance(*c).block_m}>" for c in _COMPILED}))
 loader.register_family("efficient_bwd", [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
-                       + [f"flash_plan<{BACKWARD_BLOCK_N}, true>"] + [backward_instance(*c).name for c in _COMPILED])
+                       + [f"flash_plan<{BACKWARD_BLOCK_N}, KEY_ROWS>"] + [backward_instance(*c).name for c in _COMPILED])
 
 
 def reasons(params) -> list[str]:
@@ -212,7 +212,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
     delta_kernel = loader.kernel("efficient_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
-    plan_kernel = loader.kernel("efficient_bwd", f"flash_plan<{BACKWARD_BLOCK_N}, true>", device)
+    plan_kernel = loader.kernel("efficient_bwd", f"flash_plan<{BACKWARD_BLOCK_N}, KEY_ROWS>", device)
     bwd_kernel = instance.load("efficient_bwd", device)
     packed = structs.attn_params(params, out, lse)
     # No dQ turns (never deterministic) and no query-tile slots: dq_accum is (total_q, H, head_dim).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,12 +47,18 @@ class Kernel:
     threads: int
     shared_mem: int          # dynamic shared memory, bytes
     ctas_per_sm: int = 0     # persistent: a grid of this many CTAs per SM loops over the tiles; 0: a CTA per tile
+    packed: bool = False     # Hopper: packed GQA, a tile's rows span the query heads of one key/value head
 
     def instance(self, dtype) -> str:
         if self.family == "flash_fwd":
             return f"flash_fwd<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.block_m}, {self.block_n}>"
         return (f"flash_fwd_hopper<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.head_dim_v}, {self.block_n}, "
-                f"{self.block_m // 64}>")
+                f"{self.block_m // 64}, {str(self.packed).lower()}>")
+
+    @property
+    def plan(self) -> str:
+        """Its plan kernel's instance (kernels_cu/tile_plan.cuh)."""
+        return f"flash_plan<{self.block_m}, PACKED_QUERY_ROWS>" if self.packed else f"flash_plan<{self.block_m}>"
 
 
 def _mma_sync(head_dim, block_m, block_n):
@@ -99,9 +105,18 @@ def kernel_for(head_dim: int, head_dim_v: int, arch: str, max_seqlen_q: int | No
     return MMA_SYNC[head_dim]
 
 
-for _family, _kernels in (("flash_fwd", MMA_SYNC.values()), ("flash_fwd_hopper", [*WGMMA.values(), *WGMMA_SHORT.values()])):
+def packs_gqa(kernel: Kernel, group: int) -> bool:
+    """Whether a call whose query heads come `group` to a key/value head
+    runs `kernel` with packed GQA: on Hopper, where the group divides the
+    tile's rows (a tile then holds whole queries)."""
+    return kernel.family == "flash_fwd_hopper" and group > 1 and kernel.block_m % group == 0
+
+
+# every Hopper instance: as tabled, and packed
+HOPPER_KERNELS = [k for base in (*WGMMA.values(), *WGMMA_SHORT.values()) for k in (base, replace(base, packed=True))]
+for _family, _kernels in (("flash_fwd", MMA_SYNC.values()), ("flash_fwd_hopper", HOPPER_KERNELS)):
     loader.register_family(_family, sorted({k.instance(t) for k in _kernels for t in STORAGE_TYPES}
-                                           | {f"flash_plan<{k.block_m}>" for k in _kernels}))
+                                           | {k.plan for k in _kernels}))
 
 
 def reasons(params) -> list[str]:
@@ -129,15 +144,18 @@ def reasons(params) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernels(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_index: int, short: bool,
+def _forward_kernels(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_index: int, short: bool, group: int,
                      wgmma: bool = True):
     """(Kernel, its plan kernel, its forward kernel) for the call's dtype,
-    head dims, device and whether its queries are short: kernel_for's
-    choice, or mma.sync when not `wgmma`."""
+    head dims, device, whether its queries are short and its query heads
+    per key/value head: kernel_for's choice, packed where packs_gqa says
+    so, or mma.sync when not `wgmma`."""
     device = torch.device("cuda", device_index)
     chosen = (kernel_for(head_dim, head_dim_v, loader.arch_of(device), SHORT_QUERIES if short else None) if wgmma
               else MMA_SYNC[head_dim])
-    return (chosen, loader.kernel(chosen.family, f"flash_plan<{chosen.block_m}>", device),
+    if packs_gqa(chosen, group):
+        chosen = replace(chosen, packed=True)
+    return (chosen, loader.kernel(chosen.family, chosen.plan, device),
             loader.kernel(chosen.family, chosen.instance(dtype), device, dynamic_shared_mem=chosen.shared_mem))
 
 
@@ -151,22 +169,25 @@ def forward(params):
     if q.shape[0] == 0 or batch == 0:
         return out, lse
     head_dim, head_dim_v, index = q.shape[2], v.shape[2], q.get_device()
-    short = params.max_seqlen_q <= SHORT_QUERIES
-    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short)
+    short, group = params.max_seqlen_q <= SHORT_QUERIES, q.shape[1] // max(k.shape[1], 1)
+    chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short, group)
     maps = ()
     if chosen.family == "flash_fwd_hopper":
         try:
-            maps = (tensor_map.rows(q, chosen.block_m), tensor_map.rows(k, chosen.block_n),
+            q_map = (tensor_map.rows(q, chosen.block_m // group, group) if chosen.packed
+                     else tensor_map.rows(q, chosen.block_m))
+            maps = (q_map, tensor_map.rows(k, chosen.block_n),
                     tensor_map.rows(v, chosen.block_n))
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
             if head_dim_v != head_dim:  # no mma.sync kernel to fall back on
                 raise
             log.info("varattn: %s; using the mma.sync kernel", error)
-            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short, False)
+            chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short, group, False)
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
     plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)
-    grid = tiled.tiles_upper_bound(q.shape[0], chosen.block_m, batch) * q.shape[1]
+    rows, heads = (q.shape[0] * group, k.shape[1]) if chosen.packed else (q.shape[0], q.shape[1])
+    grid = tiled.tiles_upper_bound(rows, chosen.block_m, batch) * heads
     if chosen.ctas_per_sm:
         grid = min(grid, chosen.ctas_per_sm * loader.multiprocessors(index))
     loader.launch(fwd_kernel, (grid,), (chosen.threads,), loader.Args(packed, *plan_args, *maps),
@@ -184,11 +205,11 @@ HOPPER_BACKWARD_THREADS = 384
 loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).lower()}>" for t in STORAGE_TYPES.values()
                                      for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
                        + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
-                       + [f"flash_plan<{BACKWARD_BLOCK}, true>"])
+                       + [f"flash_plan<{BACKWARD_BLOCK}, KEY_ROWS>"])
 loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t in STORAGE_TYPES.values()
                                             for d in HOPPER_BACKWARD_HEAD_DIMS]
                        + [f"flash_bwd_hopper_dq<{t}>" for t in STORAGE_TYPES.values()]
-                       + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, true>"])
+                       + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, KEY_ROWS>"])
 DQ_THREADS = 256  # flash_bwd_hopper_dq: a warp per query row
 
 
@@ -255,7 +276,7 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     if grad_lse is not None:
         grad_lse = grad_lse.float().contiguous()
     delta_kernel = loader.kernel("flash_bwd", f"flash_bwd_delta<{STORAGE_TYPES[params.dtype]}>", device)
-    plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, true>", device)
+    plan_kernel = loader.kernel(main.family, f"flash_plan<{main.block_n}, KEY_ROWS>", device)
     bwd_kernel = loader.kernel(main.family, main.name, device, dynamic_shared_mem=main.shared_mem)
     packed = structs.attn_params(params, out, lse)
     turns = (torch.zeros(params.num_heads * tiles_per_head, dtype=torch.int32, device=device)

@@ -2,7 +2,8 @@
 
 A tensor map describes a packed (rows, heads, head_dim) tensor to the copy
 engine: its address, sizes and strides, and the box one copy brings into
-shared memory (64 columns = 128 bytes, one head, `box_rows` rows), 128-byte
+shared memory (64 columns = 128 bytes, `box_heads` heads, `box_rows` rows:
+box_heads x box_rows rows of 128 bytes, row-major), 128-byte
 swizzled as the wgmma operands want it. The driver encodes it on the host
 (cuTensorMapEncodeTiled); the kernel takes its 128 bytes by value.
 """
@@ -33,16 +34,17 @@ def _encode_tiled():
     return encode
 
 
-def rows(x: torch.Tensor, box_rows: int) -> bytes:
+def rows(x: torch.Tensor, box_rows: int, box_heads: int = 1) -> bytes:
     """The tensor map of packed `x` (rows, heads, head_dim), copied in boxes of
-    64 columns x 1 head x `box_rows` rows; rows past the end read as zeros."""
-    return _encoded(x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, box_rows)
+    64 columns x `box_heads` heads x `box_rows` rows; rows past the end read
+    as zeros."""
+    return _encoded(x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, box_rows, box_heads)
 
 
 # A map depends only on these values; the same tensors (or the caching
 # allocator handing out the same blocks) come back call after call.
 @functools.lru_cache(maxsize=256)
-def _encoded(address: int, shape, strides, dtype, box_rows: int) -> bytes:
+def _encoded(address: int, shape, strides, dtype, box_rows: int, box_heads: int) -> bytes:
     count, heads, dim = shape
     item = torch.finfo(dtype).bits // 8
     # Strides of size-1 dimensions mean nothing to torch but must be valid here.
@@ -54,7 +56,7 @@ def _encoded(address: int, shape, strides, dtype, box_rows: int) -> bytes:
         aligned, _DATA_TYPES[dtype], 3, address,
         (ctypes.c_uint64 * 3)(dim, heads, max(count, 1)),
         (ctypes.c_uint64 * 2)(head_stride * item, row_stride * item),
-        (ctypes.c_uint32 * 3)(64, 1, box_rows), (ctypes.c_uint32 * 3)(1, 1, 1),
+        (ctypes.c_uint32 * 3)(64, box_heads, box_rows), (ctypes.c_uint32 * 3)(1, 1, 1),
         _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
     if status != 0:
         raise TensorMapError(f"cuTensorMapEncodeTiled failed (CUresult {status}) for a {shape} tensor "
