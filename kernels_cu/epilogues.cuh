@@ -20,20 +20,20 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile&
                                            float (&row_sum)[2], float lse_scale, float out_scale = 1.f,
                                            int columns = D_BLOCKS * 8, int packed_heads = 1) {
     const int lane = threadIdx.x % 32;
-    float* lse = p.lse ? (float*)p.lse + t.queries.start : nullptr;
+    float* lse = p.lse ? (float*)p.lse + t.h * p.total_q + t.queries.start : nullptr;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const int i = (first_row + 8 * r) / packed_heads, h = t.h + (first_row + 8 * r) % packed_heads;
+        const int i = (first_row + 8 * r) / packed_heads, dh = (first_row + 8 * r) % packed_heads;
         if (i >= t.queries.len) continue;
         const float inv_sum = sum > 0.f ? out_scale / sum : 0.f;
-        T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + h * p.out_head_stride;
+        T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + (t.h + dh) * p.out_head_stride;
 #pragma unroll
         for (int j = 0; j < D_BLOCKS; ++j)
             if (8 * j < columns) store2<T>(out + 8 * j + 2 * (lane % 4), o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
-        if (lse && lane % 4 == 0) lse[h * p.total_q + i] = sum > 0.f ? row_max[r] * lse_scale + __logf(sum) : neg_inf<float>();
+        if (lse && lane % 4 == 0) lse[dh * p.total_q + i] = sum > 0.f ? row_max[r] * lse_scale + __logf(sum) : neg_inf<float>();
     }
 }
 

@@ -35,7 +35,7 @@
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
 //   instance                         arch    registers  spill stores / loads  stack  shared: static + dynamic
 //   flash_fwd<bf16_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
-//   flash_fwd<bf16_t, 32, 128, 64>   sm_90a        198               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<bf16_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<bf16_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<bf16_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<bf16_t, 96, 128, 32>   sm_80         230               0 / 0 B    0 B  0 B + 39.0 KB
@@ -47,7 +47,7 @@
 //   flash_fwd<bf16_t, 256, 64, 64>   sm_80         249               0 / 0 B    0 B  0 B + 99.0 KB
 //   flash_fwd<bf16_t, 256, 64, 64>   sm_90a        253               0 / 0 B    0 B  0 B + 99.0 KB
 //   flash_fwd<half_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
-//   flash_fwd<half_t, 32, 128, 64>   sm_90a        198               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<half_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<half_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<half_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<half_t, 96, 128, 32>   sm_80         230               0 / 0 B    0 B  0 B + 39.0 KB

@@ -305,7 +305,7 @@ def test_flash_short_queries(gen, monkeypatch, dtype, mask, one_sm):
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-head"])
-def test_flash_packed_gqa(gen, monkeypatch, head_dim, mask, packed):
+def test_flash_packed_gqa(gen, monkeypatch, request, head_dim, mask, packed):
     """Packed GQA on Hopper (a tile's rows span the query heads of one
     key/value head) and one head per tile, at group sizes that divide the
     tile (2, 4, 8, 16 = MQA) and one that does not (3: never packed); long
@@ -316,12 +316,12 @@ def test_flash_packed_gqa(gen, monkeypatch, head_dim, mask, packed):
         monkeypatch.setattr(flash, "packs_gqa", lambda kernel, group: False)
     monkeypatch.setattr(flash.loader, "multiprocessors", lambda index: 1)
     flash._forward_kernels.cache_clear()
+    request.addfinalizer(flash._forward_kernels.cache_clear)  # also when a check fails
     heads = [(8, 4), (8, 2), (16, 2), (16, 1), (6, 2)][FLASH_MASKS.index(mask) % 5]
     check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, heads=heads, batch=7, longest=300, **mask)
     lengths_q = reference.lengths(gen, 9, 40)
     check(gen, torch.float16, "cuda", backend="flash", head_dim=head_dim, heads=heads,
           lengths=(lengths_q, reference.lengths(gen, 9, 500)), **mask)
-    flash._forward_kernels.cache_clear()
 
 
 @pytest.mark.gpu
