@@ -13,7 +13,7 @@ from conftest import allow_tf32
 from varattn import Backend, dispatch
 from varattn.cuda import loader
 from varattn.backends import REGISTRY, efficient
-from varattn.params import build_params
+from varattn.params import Checked, build_params
 
 
 def small(gen, dtype=torch.float32):
@@ -212,11 +212,12 @@ def test_choice_per_structure_follows_alignment(gen, fake_device):
     sit as aligned: a shifted q of the same structure is asked again."""
     q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.float32)
     shifted = torch.empty(q.numel() + 1)[1:].view(q.shape).copy_(q)
-    structure = ("test_choice_per_structure_follows_alignment", object())
+    structure, checked = ("test_choice_per_structure_follows_alignment", object()), set()
     for x, chosen in ((q, efficient), (shifted, REGISTRY[Backend.MATH]), (q, efficient)):
         params = build_params(x, k, v, cu_q, cu_k, 5, 5, structure=structure)
-        assert params.structure == structure
+        checked.add(params.structure)
         assert dispatch.select(OnCuda(params)) is chosen
+    assert len(checked) == 1 and isinstance(checked.pop(), Checked)  # one Checked serves the structure
 
 
 def test_choice_per_structure_follows_torch_deterministic_setting(gen, fake_device):

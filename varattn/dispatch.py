@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import REGISTRY, Backend
-from .recent import Recent
 
 _allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
     "varattn_allowed_backends", default=frozenset(Backend))
@@ -23,8 +22,8 @@ _allowed: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
 # build_params says it covers), params.deterministic (which torch's global
 # setting can turn on) and its tensors' addresses only to see that they are
 # 16-byte aligned; so one choice serves every call of a structure with the
-# same address residues, deterministic mode and allowed backends.
-_chosen = Recent(1024)
+# same address residues, deterministic mode and allowed backends, and is
+# kept in the structure's `derived`.
 
 
 class NoBackendError(NotImplementedError):
@@ -104,17 +103,17 @@ def select(params, allowed=None):
     use_backends allows) that can run the call (later ones are not asked);
     raises NoBackendError listing every backend's reasons."""
     allowed = _allowed.get() if allowed is None else allowed
-    key = None
-    if params.structure is not None:
-        key = (params.structure, allowed, params.deterministic, params.q.data_ptr() % 16, params.k.data_ptr() % 16,
+    structure, key = params.structure, None
+    if structure is not None:
+        key = (allowed, params.deterministic, params.q.data_ptr() % 16, params.k.data_ptr() % 16,
                params.v.data_ptr() % 16)
-        found = _chosen.get(key)
+        found = structure.derived.get(key)
         if found is not None:
             return found
     for backend, module in REGISTRY.items():
         if module is not None and backend in allowed and not module.reasons(params):
             if key is not None:
-                _chosen.put(key, module)
+                structure.derived[key] = module
             return module
     token = _allowed.set(allowed)
     try:

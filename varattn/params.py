@@ -20,6 +20,19 @@ from .recent import Recent
 CAUSAL_ALIGNS = ("upper_left", "lower_right")
 
 
+class Checked:
+    """A call structure that build_params has checked (see build_params):
+    the options it stands for, checked, and `derived`, where dispatch and the
+    backends keep what they derive from the structure alone (small values,
+    never tensors), so that calls of one structure reuse it without building
+    and hashing a key of their own. Compared and hashed by identity."""
+
+    __slots__ = ("options", "derived")
+
+    def __init__(self, options: tuple):
+        self.options, self.derived = options, {}
+
+
 def needs_grad(*tensors) -> bool:
     """Whether a backward will follow: grad mode is on and one of `tensors` (None
     allowed) requires grad. The one rule every front end and build_params use;
@@ -57,7 +70,7 @@ class AttentionParams:
     dropout_state: tuple[int, int] | None = None  # (seed, offset) of the call's dropout stream (varattn/dropout.py)
     memo: dict | None = None               # kept with the four length tensors when their contents never change
                                            # (frontends/ragged.py): where backends keep what they derive (tile plans)
-    structure: tuple | None = None         # see build_params: equal for calls that pass the same checks and
+    structure: Checked | None = None       # see build_params: the same for calls that pass the same checks and
                                            # dispatch alike, given their tensors' addresses
 
     @property
@@ -143,25 +156,26 @@ def build_params(
     AttentionParams.memo. bias_name: the caller's name for attn_bias, in errors.
 
     structure: a key, made by the front end, of everything about the call
-    but its tensors' addresses, row counts and lengths' contents: the
+    but its tensors' addresses, row counts (k's and v's are compared) and
+    lengths' contents: the
     tensors' types, dtypes, devices, other sizes and strides, the lengths
     tensors' shapes, requires_grad and every option. A call with the key of
-    one already checked skips the checks that depend on nothing else (and
-    dispatch reuses its choice, varattn/dispatch.py); None: checked in full.
+    one already checked skips the checks that depend on nothing else, and
+    its params carry that key's `Checked` (where dispatch and the backends
+    keep their choices, varattn/dispatch.py); None: checked in full.
     """
-    if (structure is not None and attn_bias is None and max_seqlen_q is not None and max_seqlen_k is not None
+    if (structure is not None and attn_bias is None and type(max_seqlen_q) is int and type(max_seqlen_k) is int
+            and max_seqlen_q >= 0 and max_seqlen_k >= 0 and k.shape[0] == v.shape[0]
             and _plain(causal, causal_align, window, scale, dropout_p, return_lse, deterministic)):
         try:
             known = _checked.get(structure)
         except TypeError:  # an option of an unhashable kind (a window given as a list): checked in full
             known, structure = None, None
         if known is not None:
-            checks.non_negative_int(max_seqlen_q, "max_seqlen_q")
-            checks.non_negative_int(max_seqlen_k, "max_seqlen_k")
             params = AttentionParams(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known,
+                q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known.options,
                 out=out, requires_grad=needs_grad(q, k, v) if requires_grad is None else requires_grad, memo=memo,
-                structure=structure,
+                structure=known,
                 deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
             if q.device.type == "cpu" or checks.device_checks_enabled():
                 _check_lengths(params)
@@ -195,6 +209,7 @@ def build_params(
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k, bias_name)
     if requires_grad is None:
         requires_grad = needs_grad(q, k, v, attn_bias)
+    checked = None if structure is None else Checked((causal, causal_align, window, scale, None, dropout_p, return_lse))
     params = AttentionParams(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         seqused_q=seqused_q, seqused_k=seqused_k,
@@ -203,14 +218,13 @@ def build_params(
         attn_bias=attn_bias, dropout_p=dropout_p, return_lse=return_lse,
         requires_grad=requires_grad,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out, memo=memo,
-        structure=structure,
+        structure=checked,
     )
     # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
     if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
         _check_lengths(params)
     if structure is not None:
-        _checked.put(structure, (params.causal, params.causal_align, params.window, params.scale, None,
-                                 params.dropout_p, params.return_lse))
+        _checked.put(structure, checked)
     return params
 
 
@@ -234,6 +248,6 @@ def _check_lengths(p: AttentionParams) -> None:
     checks.lengths_content(p.cu_seqlens_k, p.seqused_k, p.k.shape[0], p.max_seqlen_k, "k")
 
 
-# structure -> the checked options, in AttentionParams' order from causal to
-# return_lse (attn_bias None): bounded, and holding only small values.
+# structure -> its Checked, whose options are in AttentionParams' order from
+# causal to return_lse (attn_bias None): bounded, and holding only small values.
 _checked = Recent(1024)

@@ -1,34 +1,33 @@
-"""A bounded map, least recently used out first: every cache varattn keeps
-(lengths made on the device, strided layouts, checked call structures,
-dispatch choices) is one, so that none grows without bound and
-frontends/ragged.clear_caches() empties them all."""
+"""A bounded map, oldest entry out first: every cache varattn keeps (lengths
+made on the device, strided layouts, checked call structures) is one, so
+that none grows without bound and frontends/ragged.clear_caches() empties
+them all."""
 from __future__ import annotations
 
-import collections
 import threading
 
 
 class Recent:
-    """A bounded map, least recently used out first; safe across threads."""
+    """A bounded map, the entry put longest ago out first; safe across
+    threads. A hit is one lookup (no reordering): a hot entry put out by
+    `limit` newer ones is made again, once."""
 
     made: list = []
 
     def __init__(self, limit: int):
-        self.limit, self._items, self._lock = limit, collections.OrderedDict(), threading.Lock()
+        self.limit, self._items, self._lock = limit, {}, threading.Lock()
         Recent.made.append(self)
 
     def get(self, key):
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
+        return self._items.get(key)  # one atomic operation on the map: no lock
 
     def put(self, key, value) -> None:
         with self._lock:
-            self._items[key] = value
-            if len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            items = self._items
+            items.pop(key, None)
+            items[key] = value
+            if len(items) > self.limit:
+                del items[next(iter(items))]
 
     def clear(self) -> None:
         with self._lock:

@@ -52,6 +52,10 @@ ATTN_PARAMS = Struct("AttnParams", "attn_params.cuh", (
     ("bias_kind", "i"), ("causal", "i"), ("lower_right", "i"),
     ("window_left", "i"), ("window_right", "i"),
 ))
+# What a call's tensors and lengths set, each part at its offset; the rest
+# (strides, sizes, options) its structure fixes.
+_ATTN_POINTERS, _ATTN_ROWS, _ATTN_LONGEST = struct.Struct("<10Q"), struct.Struct("<qq"), struct.Struct("<ii")
+_ATTN_ROWS_AT, _ATTN_LONGEST_AT = ATTN_PARAMS.offsets["total_q"], ATTN_PARAMS.offsets["max_seqlen_q"]
 
 BWD_PARAMS = Struct("BwdParams", "bwd_params.cuh", (
     ("dout", "Q"), ("dq_accum", "Q"), ("dk", "Q"), ("dv", "Q"), ("delta", "Q"), ("dlse", "Q"), ("dq_turns", "Q"),
@@ -82,20 +86,38 @@ def _ptr(t) -> int:
 
 def attn_params(p, out, lse) -> bytes:
     """The AttnParams of call `p` (an AttentionParams) writing into `out` and
-    `lse` (None: a null pointer); the outputs are contiguous."""
+    `lse` (None: a null pointer); the outputs are contiguous. What its
+    structure fixes is packed once per structure (p.structure.derived)."""
+    structure = p.structure
+    if structure is None:
+        packed = bytearray(_attn_fixed(p))
+    else:
+        fixed = structure.derived.get(ATTN_PARAMS)
+        if fixed is None:
+            fixed = structure.derived[ATTN_PARAMS] = _attn_fixed(p)
+        packed = bytearray(fixed)
+    q, k = p.q, p.k
+    _ATTN_POINTERS.pack_into(packed, 0, q.data_ptr(), k.data_ptr(), p.v.data_ptr(), _ptr(out), _ptr(lse),
+                             _ptr(p.attn_bias), p.cu_seqlens_q.data_ptr(), p.cu_seqlens_k.data_ptr(),
+                             _ptr(p.seqused_q), _ptr(p.seqused_k))
+    _ATTN_ROWS.pack_into(packed, _ATTN_ROWS_AT, q.shape[0], k.shape[0])
+    _ATTN_LONGEST.pack_into(packed, _ATTN_LONGEST_AT, p.max_seqlen_q, p.max_seqlen_k)
+    return bytes(packed)
+
+
+def _attn_fixed(p) -> bytes:
+    """AttnParams with what the structure of call `p` fixes, zeros elsewhere."""
     q, k, v, bias = p.q, p.k, p.v, p.attn_bias
     q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
-    (total_q, heads, head_dim), (total_k, heads_kv, _), head_dim_v = q.shape, k.shape, v.shape[2]
+    heads, head_dim, heads_kv, head_dim_v = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
     return ATTN_PARAMS.pack(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(out), _ptr(lse), _ptr(bias),
-        p.cu_seqlens_q.data_ptr(), p.cu_seqlens_k.data_ptr(), _ptr(p.seqused_q), _ptr(p.seqused_k),
+        *(0,) * 10,
         q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
         heads * head_dim_v, head_dim_v, *(bias.stride() if bias is not None else (0, 0, 0, 0)),
-        total_q, total_k,
+        0, 0,
         p.scale,
         p.cu_seqlens_q.shape[0] - 1, heads, heads_kv, head_dim, head_dim_v,
-        p.max_seqlen_q, p.max_seqlen_k,
+        0, 0,
         BIAS_KINDS[p.bias_kind], int(p.causal), int(p.causal_align == "lower_right"),
         p.window[0], p.window[1],
     )
-

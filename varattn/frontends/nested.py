@@ -18,7 +18,6 @@ used.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -164,11 +163,10 @@ class JaggedSide:
         nt = self.nt
         values = nt._values if self.ragged_dim == 1 else nt._values.transpose(0, 1)
         if same is not None:
-            return Ragged(values=values, cu_seqlens=same.cu_seqlens, seqused=same.seqused, max_seqlen=same.max_seqlen)
+            return Ragged(values, same.cu_seqlens, same.seqused, same.max_seqlen)
         lengths = nt._lengths
-        return Ragged(values=values, cu_seqlens=ragged.as_int32(nt._offsets),
-                      seqused=None if lengths is None else ragged.as_int32(lengths),
-                      max_seqlen=nt._get_max_seqlen())  # kept by torch; computed (a sync) only when it is not
+        return Ragged(values, ragged.as_int32(nt._offsets), None if lengths is None else ragged.as_int32(lengths),
+                      nt._get_max_seqlen())  # kept by torch; computed (a sync) only when it is not
 
     def same_sequences(self, other) -> bool:
         """Whether `other` holds its sequences by the very same offsets and lengths tensors."""
@@ -482,10 +480,11 @@ def call(query, key, value, layout, attn_mask, options):
     # Differentiable sides are converted by torch ops that autograd records; the
     # others are read without it, and run.py's Function takes the NestedTensors.
     differentiable = sides[0].differentiable
-    with torch.no_grad() if requires_grad and not differentiable else contextlib.nullcontext():
-        q = sides[0].rows()
-        k = sides[1].rows(q if sides[0].same_sequences(sides[1]) else None)
-        v = sides[2].rows(k)
+    if requires_grad and not differentiable:
+        with torch.no_grad():
+            q, k, v = _rows(sides)
+    else:
+        q, k, v = _rows(sides)
     out = None
     if isinstance(sides[0], StridedSide):
         out = sides[0].new_nested((q.values.shape[1], v.values.shape[-1]), q.values.dtype, q.values.device)
@@ -495,11 +494,21 @@ def call(query, key, value, layout, attn_mask, options):
             seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, bias_name="attn_mask",
             requires_grad=requires_grad,
             out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
-            structure=None if attn_mask is not None else ragged.structure(q, k, v.values, requires_grad, options),
+            structure=None if attn_mask is not None else ragged.structure(
+                q.values, k.values, v.values, q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused, requires_grad,
+                tuple(options.values())),
             **options)
     except ValueError as error:
         raise _named_max_seqlen(error) from None
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
+
+
+def _rows(sides) -> tuple[Ragged, Ragged, Ragged]:
+    """The packed rows of the query, key and value sides, each sharing the lengths of the one before where it can."""
+    q_side, k_side, v_side = sides
+    q = q_side.rows()
+    k = k_side.rows(q if q_side.same_sequences(k_side) else None)
+    return q, k, v_side.rows(k)
 
 
 def _named_max_seqlen(error: ValueError) -> ValueError:

@@ -1,8 +1,11 @@
 """`varattn.varlen_attention`: the packed form in, the packed form out."""
 from __future__ import annotations
 
+import torch
+
 from .. import run
-from ..params import build_params
+from ..params import build_params, needs_grad
+from . import ragged
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -48,9 +51,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     Returns:
         out (total_q, H, D_v), or (out, lse) with return_lse.
     """
+    requires_grad, structure = None, None
+    if attn_bias is None and all(type(x) is torch.Tensor and not x.is_nested for x in (q, k, v)):
+        # (a NestedTensor has no shape to key by: build_params says what it expected)
+        requires_grad = needs_grad(q, k, v)
+        structure = ragged.structure(q, k, v, cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k, requires_grad,
+                                     (causal, causal_align, window, scale, dropout_p, return_lse, deterministic))
     params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                           causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
                           dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
-                          deterministic=deterministic)
+                          deterministic=deterministic, requires_grad=requires_grad, structure=structure)
     out, lse = run.attention(params)
     return (out, lse) if return_lse else out

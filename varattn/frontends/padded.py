@@ -187,8 +187,9 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
                                   rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
                                   bias_name="attn_mask", requires_grad=requires_grad,
                                   memo=ragged.memo(rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused),
-                                  structure=None if attn_mask is not None else ragged.structure(rq, rk, rows_v,
-                                                                                                requires_grad, options),
+                                  structure=None if attn_mask is not None else ragged.structure(
+                                      rq.values, rk.values, rows_v, rq.cu_seqlens, rq.seqused, rk.cu_seqlens,
+                                      rk.seqused, requires_grad, tuple(options.values())),
                                   **options)
     form = PaddedForm(batch, len_q, len_k, layout)
     return params, form, None if torch.compiler.is_compiling() else (query, key, value)

@@ -6,9 +6,9 @@ list) are copied from pinned memory without a sync, and jagged offsets (int64)
 are converted to the kernels' int32: some 10 to 15 microseconds each. A model
 hands the same lengths to every layer of a step, so both are kept for reuse:
 the host-made ones by their contents in a bounded cache, the converted
-offsets by the caller's offsets tensor (and the lengths of a CUDA
-key_padding_mask by the mask), weakly, for as long as it lives and is not
-changed in place. Each is made on a stream and reused only there, and
+offsets on the caller's offsets tensor itself (and the lengths of a CUDA
+key_padding_mask on the mask), so that they go with it, for as long as it
+is not changed in place. Each is made on a stream and reused only there, and
 none is kept when made during CUDA graph capture (it holds its values only
 once the graph replays). varattn never writes them: `memo()` gives the
 backends a place to keep what they derive from them (tile plans), on the
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..recent import Recent
 
@@ -35,8 +34,8 @@ class Ragged:
 
 HOST_MADE_LIMIT = 256
 _host_made = Recent(HOST_MADE_LIMIT)  # (contents, device, stream) -> tensors copied from the host
-_converted = WeakIdKeyDictionary()  # a caller's int64 lengths -> (version, stream, int32 copy)
-_mask_lengths = WeakIdKeyDictionary()  # a caller's CUDA key_padding_mask -> (version, stream, lengths)
+# On a caller's tensor: (its version, stream, what was made of it).
+_INT32, _MASK_LENGTHS = "_varattn_int32", "_varattn_mask_lengths"
 # The tensors made here carry `_varattn_memos`: {the call's other lengths: memo
 # dict} (cheaper to reach than a weak dictionary, and theirs alone).
 
@@ -84,26 +83,27 @@ def as_int32(x: torch.Tensor) -> torch.Tensor:
         return x
     if not x.is_cuda:
         return x.to(torch.int32)
-    return _kept(x, _converted, lambda offsets: offsets.to(torch.int32))
+    return _kept(x, _INT32, lambda offsets: offsets.to(torch.int32))
 
 
 def lengths_of_padding_mask(mask: torch.Tensor) -> torch.Tensor:
     """The lengths (B,) int32 of a CUDA key_padding_mask (B, L), True at the
     padding after each sequence's tokens, kept while `mask` lives and is not
     changed in place: a model hands one mask to every layer of a step."""
-    return _kept(mask, _mask_lengths, lambda m: m.shape[1] - m.sum(1, dtype=torch.int32))
+    return _kept(mask, _MASK_LENGTHS, lambda m: m.shape[1] - m.sum(1, dtype=torch.int32))
 
 
-def _kept(x: torch.Tensor, cache: WeakIdKeyDictionary, make) -> torch.Tensor:
-    """make(x), a tensor on x's GPU, kept in `cache` (weakly keyed by x) for
-    as long as x lives and keeps its version, and reused on the same stream."""
+def _kept(x: torch.Tensor, attribute: str, make) -> torch.Tensor:
+    """make(x), a tensor on x's GPU, kept on x as `attribute` (so that it
+    lives as long as x, and no longer) while x keeps its version, and reused
+    on the same stream."""
     stream = torch._C._cuda_getCurrentRawStream(x.get_device())
-    found = cache.get(x)
+    found = getattr(x, attribute, None)
     if found is not None and found[0] == x._version and found[1] == stream:
         return found[2]
     made = make(x)
     if not torch.cuda.is_current_stream_capturing():
-        cache[x] = (x._version, stream, made)
+        setattr(x, attribute, (x._version, stream, made))
         made._varattn_memos = {}
     return made
 
@@ -139,17 +139,17 @@ def memo(cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k) -> dict | None:
 _SELF = object()
 
 
-def structure(q: Ragged, k: Ragged, v: torch.Tensor, requires_grad: bool, options: dict) -> tuple | None:
-    """build_params' `structure` key of a call on packed rows q, k and v's
-    values, with `options` (build_params' keywords, always given in one
-    order); None under torch.compile, which traces the call."""
+def structure(q, k, v, cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k, requires_grad: bool,
+              options: tuple) -> tuple | None:
+    """build_params' `structure` key of a call on packed rows q, k and v
+    with these lengths and `options` (the values of build_params' keywords,
+    always in one order); None under torch.compile, which traces the call."""
     if torch.compiler.is_compiling():
         return None
-    lengths_q = (_lengths_key(q.cu_seqlens), _lengths_key(q.seqused))
-    shared = k.cu_seqlens is q.cu_seqlens and k.seqused is q.seqused
-    lengths_k = None if shared else (_lengths_key(k.cu_seqlens), _lengths_key(k.seqused))
-    return (_rows_key(q.values), _rows_key(k.values), _rows_key(v), lengths_q, lengths_k, requires_grad,
-            *options.values())
+    lengths_q = (_lengths_key(cu_seqlens_q), _lengths_key(seqused_q))
+    shared = cu_seqlens_k is cu_seqlens_q and seqused_k is seqused_q
+    lengths_k = None if shared else (_lengths_key(cu_seqlens_k), _lengths_key(seqused_k))
+    return (_rows_key(q), _rows_key(k), _rows_key(v), lengths_q, lengths_k, requires_grad, *options)
 
 
 def _rows_key(x: torch.Tensor) -> tuple:
@@ -165,9 +165,8 @@ def _lengths_key(x: torch.Tensor | None):
 
 
 def clear_caches() -> None:
-    """Drop every length tensor kept for reuse and what was derived from
-    them, and every other Recent cache (for tests of memory use)."""
+    """Drop every length tensor kept for reuse by its contents and what was
+    derived from them, and every other Recent cache (for tests of memory
+    use); those kept on a caller's tensor go with it."""
     for cache in Recent.made:
         cache.clear()
-    _converted.clear()
-    _mask_lengths.clear()
