@@ -13,7 +13,7 @@ from conftest import allow_tf32
 from varattn import Backend, dispatch
 from varattn.cuda import loader
 from varattn.backends import REGISTRY, efficient
-from varattn.params import Checked, build_params
+from varattn.params import AttentionParams, Checked, build_params
 
 
 def small(gen, dtype=torch.float32):
@@ -317,3 +317,12 @@ def test_choices_on_cuda(gen):
     assert any("dtype" in r for r in explanation.reasons[Backend.FLASH])
     fp64 = reference.packed_inputs(gen, [3], [3], 2, 2, 64, dtype=torch.float64, device="cuda")
     assert varattn.explain(*fp64).chosen == Backend.MATH
+
+
+def test_with_tensors_keeps_every_other_field():
+    """AttentionParams.with_tensors is dataclasses.replace of the tensors: every other field carried over, in place."""
+    names = [f.name for f in dataclasses.fields(AttentionParams)]
+    params = AttentionParams(*(object() for _ in names))  # a distinct value in every field
+    tensors = dict(q=object(), k=object(), v=object(), attn_bias=object(), out=object())
+    made, expected = params.with_tensors(**tensors), dataclasses.replace(params, **tensors)
+    assert [name for name in names if getattr(made, name) is not getattr(expected, name)] == []

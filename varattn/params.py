@@ -124,6 +124,15 @@ class AttentionParams:
             return "none"
         return "bool" if self.attn_bias.dtype == torch.bool else "additive"
 
+    def with_tensors(self, q, k, v, attn_bias, out=None) -> AttentionParams:
+        """These params with other tensors (None: none kept, as an autograd
+        context keeps them beside its saved tensors): dataclasses.replace
+        without its generic field walk, which costs microseconds a call."""
+        return AttentionParams(
+            q, k, v, self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_q, self.seqused_k, self.max_seqlen_q,
+            self.max_seqlen_k, self.causal, self.causal_align, self.window, self.scale, attn_bias, self.dropout_p,
+            self.return_lse, out, self.requires_grad, self.deterministic, self.dropout_state, self.memo, self.structure)
+
     def new_out(self) -> torch.Tensor:
         """Output buffer (`out` when given); zeroed where some rows (padding, holes) belong to no sequence."""
         q = self.q

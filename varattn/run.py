@@ -110,7 +110,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, params, form, allowed, q, k, v, attn_bias):
         backend, params, out, lse = _forward(params, allowed)
         ctx.save_for_backward(params.q, params.k, params.v, params.attn_bias, out, lse)
-        ctx.params = dataclasses.replace(params, q=None, k=None, v=None, attn_bias=None, out=None)
+        ctx.params = params.with_tensors(None, None, None, None)
         ctx.backend, ctx.form, ctx.bias_grad = backend, form, _bias_grad(attn_bias)
         ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
         if not params.return_lse:
@@ -121,7 +121,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result, grad_result_lse=None):
         q, k, v, attn_bias, out, lse = ctx.saved_tensors
-        params = dataclasses.replace(ctx.params, q=q, k=k, v=v, attn_bias=attn_bias)
+        params = ctx.params.with_tensors(q, k, v, attn_bias)
         grad_out, grad_lse = ctx.form.grad_outputs(grad_result, grad_result_lse)
         if grad_out is None:  # only lse reached the loss
             grad_out = torch.zeros_like(out)
