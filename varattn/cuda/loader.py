@@ -286,21 +286,27 @@ def launch(kernel_: Kernel, grid, block, args: Args, shared_mem: int = 0, stream
     """Launch on `stream`, by default the current torch stream of the kernel's
     device, through the driver: CuPy's own argument handling costs tens of
     microseconds a launch."""
-    cupy = _cupy()
+    get_device, set_device, launch_kernel = _driver_calls()
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
     if stream is None:
         stream = current_stream(kernel_)
-    runtime, driver = cupy.cuda.runtime, cupy.cuda.driver
-    if runtime.getDevice() == kernel_.device_index:
+    if get_device() == kernel_.device_index:
         if getattr(_thread, "context_of", None) != kernel_.device_index:
             # The driver needs the device's context current on this thread; a thread
             # that made no runtime call yet (autograd's backward threads) has none.
-            runtime.setDevice(kernel_.device_index)
+            set_device(kernel_.device_index)
             _thread.context_of = kernel_.device_index
-        driver.launchKernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
-                            ctypes.addressof(args.pointers), 0)
+        launch_kernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(args.pointers), 0)
     else:
-        with cupy.cuda.Device(kernel_.device_index):
-            driver.launchKernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream,
-                                ctypes.addressof(args.pointers), 0)
+        with _cupy().cuda.Device(kernel_.device_index):
+            launch_kernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(args.pointers),
+                          0)
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_calls():
+    """CuPy's runtime getDevice and setDevice and the driver's launchKernel,
+    looked up once (a kernel to launch means CuPy is there)."""
+    cuda = _cupy().cuda
+    return cuda.runtime.getDevice, cuda.runtime.setDevice, cuda.driver.launchKernel

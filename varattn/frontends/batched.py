@@ -73,6 +73,9 @@ def run_call(params, form, inputs):
 def call(query, key, value, *, layout=None, lengths=None, kv_lengths=None, key_padding_mask=None, attn_mask=None,
          **options):
     """(AttentionParams, run.Form, the caller's q, k, v) of an `attention` call, not run."""
+    if (type(query) is nested.Jagged and type(key) is nested.Jagged and type(value) is nested.Jagged
+            and lengths is None and kv_lengths is None and key_padding_mask is None):
+        return nested.call(query, key, value, layout, attn_mask, options)  # the common case, asked first
     kinds = [nested.is_nested(x) for x in (query, key, value)]
     if all(kinds):
         for name, given in (("lengths", lengths), ("kv_lengths", kv_lengths), ("key_padding_mask", key_padding_mask)):

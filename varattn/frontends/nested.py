@@ -474,7 +474,8 @@ def call(query, key, value, layout, attn_mask, options):
     jagged = isinstance(query, Jagged)
     if isinstance(key, Jagged) is not jagged or isinstance(value, Jagged) is not jagged:
         raise TypeError("query, key and value must all be jagged or all be strided NestedTensors")
-    sides = [side(x, dim, name, requires_grad) for x, name in ((query, "query"), (key, "key"), (value, "value"))]
+    sides = (side(query, dim, "query", requires_grad), side(key, dim, "key", requires_grad),
+             side(value, dim, "value", requires_grad))
     if not sides[1].same_rows(sides[2]):
         raise ValueError("key and value must have the same sequence lengths and layout")
     # Differentiable sides are converted by torch ops that autograd records; the

@@ -156,7 +156,7 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
     check_layout(layout)
     for name, x in (("query", query), ("key", key), ("value", value)):
         check_dense(x, name)
-    q, k, v = (as_blhd(x, layout) for x in (query, key, value))
+    q, k, v = as_blhd(query, layout), as_blhd(key, layout), as_blhd(value, layout)
     batch, len_q = q.shape[:2]
     len_k = k.shape[1]
     if k.shape[0] != batch or v.shape[0] != batch or v.shape[1] != len_k:

@@ -71,8 +71,18 @@ def device_int32(*hosts: numpy.ndarray, device: torch.device) -> tuple[torch.Ten
 
 
 def slots(batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """cu_seqlens of `batch` slots of `length` rows each: [0, L, 2L, ...]."""
-    return device_int32(numpy.arange(batch + 1, dtype=numpy.int64) * length, device=device)[0]
+    """cu_seqlens of `batch` slots of `length` rows each: [0, L, 2L, ...],
+    device_int32's, found by (batch, length) without making the host array."""
+    key = (batch, length, device.type, device.index, stream_of(device))
+    found = _slots.get(key)
+    if found is None:
+        found = device_int32(numpy.arange(batch + 1, dtype=numpy.int64) * length, device=device)[0]
+        if device.type != "cpu" and not torch.cuda.is_current_stream_capturing():
+            _slots.put(key, found)
+    return found
+
+
+_slots = Recent(HOST_MADE_LIMIT)
 
 
 def as_int32(x: torch.Tensor) -> torch.Tensor:
