@@ -173,22 +173,14 @@ def build_params(
     its params carry that key's `Checked` (where dispatch and the backends
     keep their choices, varattn/dispatch.py); None: checked in full.
     """
-    if (structure is not None and attn_bias is None and type(max_seqlen_q) is int and type(max_seqlen_k) is int
-            and max_seqlen_q >= 0 and max_seqlen_k >= 0 and k.shape[0] == v.shape[0]
-            and _plain(causal, causal_align, window, scale, dropout_p, return_lse, deterministic)):
-        try:
-            known = _checked.get(structure)
-        except TypeError:  # an option of an unhashable kind (a window given as a list): checked in full
-            known, structure = None, None
-        if known is not None:
-            params = AttentionParams(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known.options,
-                out=out, requires_grad=needs_grad(q, k, v) if requires_grad is None else requires_grad, memo=memo,
-                structure=known,
-                deterministic=deterministic or torch.are_deterministic_algorithms_enabled())
-            if q.device.type == "cpu" or checks.device_checks_enabled():
-                _check_lengths(params)
+    options = (causal, causal_align, window, scale, dropout_p, return_lse, deterministic)
+    if structure is not None and attn_bias is None:
+        params = checked_params(structure, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                                max_seqlen_k, options, requires_grad, memo, out)
+        if params is not None:
             return params
+        if not _keyable(max_seqlen_q, max_seqlen_k, options):
+            structure = None
     else:
         structure = None
     checks.packed_qkv(q, k, v)
@@ -235,6 +227,48 @@ def build_params(
     if structure is not None:
         _checked.put(structure, checked)
     return params
+
+
+# build_params' options with their defaults, in the order that structure keys
+# and checked_params take their values.
+OPTIONS = (("causal", False), ("causal_align", "upper_left"), ("window", (-1, -1)), ("scale", None),
+           ("dropout_p", 0.0), ("return_lse", False), ("deterministic", False))
+
+
+def option_values(options: dict) -> tuple:
+    """The values of build_params' options given as keywords in `options`, in OPTIONS' order, defaults filled in."""
+    return tuple([options.get(name, default) for name, default in OPTIONS])
+
+
+def checked_params(structure, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+                   options: tuple, requires_grad, memo=None, out=None) -> AttentionParams | None:
+    """build_params' params of a call without attn_bias whose `structure`
+    passed its checks before (options: option_values'), or None when it
+    did not (build_params then checks the call in full): what build_params
+    does first, taking its arguments as they come, without keywords."""
+    if structure is None or not _keyable(max_seqlen_q, max_seqlen_k, options) or k.shape[0] != v.shape[0]:
+        return None
+    try:
+        known = _checked.get(structure)
+    except TypeError:  # a key holding an unhashable value: checked in full
+        return None
+    if known is None:
+        return None
+    params = AttentionParams(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *known.options, out,
+        needs_grad(q, k, v) if requires_grad is None else requires_grad,
+        options[6] or torch.are_deterministic_algorithms_enabled(), None, memo, known)
+    if q.device.type == "cpu" or checks.device_checks_enabled():
+        _check_lengths(params)
+    return params
+
+
+def _keyable(max_seqlen_q, max_seqlen_k, options: tuple) -> bool:
+    """Whether a call with these longest lengths and options may stand for,
+    or be stood for by, a checked structure: plain non-negative ints, and
+    options as _plain says."""
+    return (type(max_seqlen_q) is int and type(max_seqlen_k) is int and max_seqlen_q >= 0 and max_seqlen_k >= 0
+            and _plain(*options))
 
 
 def _plain(causal, causal_align, window, scale, dropout_p, return_lse, deterministic) -> bool:

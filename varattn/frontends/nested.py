@@ -489,18 +489,22 @@ def call(query, key, value, layout, attn_mask, options):
     out = None
     if isinstance(sides[0], StridedSide):
         out = sides[0].new_nested((q.values.shape[1], v.values.shape[-1]), q.values.dtype, q.values.device)
-    try:
-        params = params_.build_params(
-            q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
-            seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, bias_name="attn_mask",
-            requires_grad=requires_grad,
-            out=None if out is None else out[0], memo=ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused),
-            structure=None if attn_mask is not None else ragged.structure(
-                q.values, k.values, v.values, q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused, requires_grad,
-                tuple(options.values())),
-            **options)
-    except ValueError as error:
-        raise _named_max_seqlen(error) from None
+    values = params_.option_values(options)
+    memo = ragged.memo(q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused)
+    structure = None if attn_mask is not None else ragged.structure(
+        q.values, k.values, v.values, q.cu_seqlens, q.seqused, k.cu_seqlens, k.seqused, requires_grad, values)
+    params = params_.checked_params(structure, q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.seqused,
+                                    k.seqused, q.max_seqlen, k.max_seqlen, values, requires_grad, memo,
+                                    None if out is None else out[0])
+    if params is None:
+        try:
+            params = params_.build_params(
+                q.values, k.values, v.values, q.cu_seqlens, k.cu_seqlens, q.max_seqlen, k.max_seqlen,
+                seqused_q=q.seqused, seqused_k=k.seqused, attn_bias=attn_mask, bias_name="attn_mask",
+                requires_grad=requires_grad, out=None if out is None else out[0], memo=memo, structure=structure,
+                **options)
+        except ValueError as error:
+            raise _named_max_seqlen(error) from None
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import run
-from ..params import build_params, needs_grad
+from ..params import build_params, checked_params, needs_grad
 from . import ragged
 
 
@@ -51,15 +51,18 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     Returns:
         out (total_q, H, D_v), or (out, lse) with return_lse.
     """
-    requires_grad, structure = None, None
+    requires_grad, structure, params = None, None, None
     if attn_bias is None and all(type(x) is torch.Tensor and not x.is_nested for x in (q, k, v)):
         # (a NestedTensor has no shape to key by: build_params says what it expected)
         requires_grad = needs_grad(q, k, v)
-        structure = ragged.structure(q, k, v, cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k, requires_grad,
-                                     (causal, causal_align, window, scale, dropout_p, return_lse, deterministic))
-    params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                          causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
-                          dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
-                          deterministic=deterministic, requires_grad=requires_grad, structure=structure)
+        options = (causal, causal_align, window, scale, dropout_p, return_lse, deterministic)
+        structure = ragged.structure(q, k, v, cu_seqlens_q, seqused_q, cu_seqlens_k, seqused_k, requires_grad, options)
+        params = checked_params(structure, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                                max_seqlen_k, options, requires_grad)
+    if params is None:
+        params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                              causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
+                              dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
+                              deterministic=deterministic, requires_grad=requires_grad, structure=structure)
     out, lse = run.attention(params)
     return (out, lse) if return_lse else out

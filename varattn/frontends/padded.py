@@ -183,14 +183,17 @@ def call(query, key, value, layout, lengths, kv_lengths, key_padding_mask, attn_
         rq = unpack(q, "blhd", q_lengths)
         rk = unpack(k, "blhd", k_lengths, rq.cu_seqlens if len_k == len_q else None)
         rows_v = merged(v)
-    params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
-                                  rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
-                                  bias_name="attn_mask", requires_grad=requires_grad,
-                                  memo=ragged.memo(rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused),
-                                  structure=None if attn_mask is not None else ragged.structure(
-                                      rq.values, rk.values, rows_v, rq.cu_seqlens, rq.seqused, rk.cu_seqlens,
-                                      rk.seqused, requires_grad, tuple(options.values())),
-                                  **options)
+    values = params_.option_values(options)
+    memo = ragged.memo(rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused)
+    structure = None if attn_mask is not None else ragged.structure(
+        rq.values, rk.values, rows_v, rq.cu_seqlens, rq.seqused, rk.cu_seqlens, rk.seqused, requires_grad, values)
+    params = params_.checked_params(structure, rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.seqused,
+                                    rk.seqused, rq.max_seqlen, rk.max_seqlen, values, requires_grad, memo)
+    if params is None:
+        params = params_.build_params(rq.values, rk.values, rows_v, rq.cu_seqlens, rk.cu_seqlens, rq.max_seqlen,
+                                      rk.max_seqlen, seqused_q=rq.seqused, seqused_k=rk.seqused, attn_bias=attn_mask,
+                                      bias_name="attn_mask", requires_grad=requires_grad, memo=memo,
+                                      structure=structure, **options)
     form = PaddedForm(batch, len_q, len_k, layout)
     return params, form, None if torch.compiler.is_compiling() else (query, key, value)
 
