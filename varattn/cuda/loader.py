@@ -291,17 +291,17 @@ def launch(kernel_: Kernel, grid, block, args: Args, shared_mem: int = 0, stream
     bx, by, bz = (*block, 1, 1)[:3]
     if stream is None:
         stream = current_stream(kernel_)
+    launch_args = (kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(args.pointers), 0)
     if get_device() == kernel_.device_index:
         if getattr(_thread, "context_of", None) != kernel_.device_index:
             # The driver needs the device's context current on this thread; a thread
             # that made no runtime call yet (autograd's backward threads) has none.
             set_device(kernel_.device_index)
             _thread.context_of = kernel_.device_index
-        launch_kernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(args.pointers), 0)
+        launch_kernel(*launch_args)
     else:
         with _cupy().cuda.Device(kernel_.device_index):
-            launch_kernel(kernel_.function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(args.pointers),
-                          0)
+            launch_kernel(*launch_args)
 
 
 @functools.lru_cache(maxsize=None)
