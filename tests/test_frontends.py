@@ -86,6 +86,52 @@ def test_nested_repeated_calls(gen, device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_jagged_described_calls_follow_what_changes(gen, device):
+    """Calls on new views of one jagged batch reuse the description kept on
+    its offsets, and follow what it does not cover: the values, other
+    options, gradients, the offsets changed in place."""
+    lengths, dtype = [6, 3, 0, 5], dtype_on(device)
+    parts = [reference.randn(gen, n, 3 * HEADS * HEAD_DIM, dtype=dtype, device=device) for n in lengths]
+    x = torch.nested.nested_tensor(parts, layout=torch.jagged)
+
+    def views(grad=False):
+        base = x.detach().requires_grad_(grad)
+        return base, [t.unflatten(-1, [HEADS, HEAD_DIM]).transpose(1, 2) for t in base.chunk(3, -1)]
+
+    def check(out, options, grad_out=None, base=None):
+        """out (and base.grad from grad_out) against the reference on x's sequences as its offsets say now."""
+        offsets = x.offsets().tolist()
+        rows = x.values().view(-1, 3, HEADS, HEAD_DIM)
+        q, k, v = ([rows[a:b, i].double().requires_grad_() for a, b in zip(offsets, offsets[1:])] for i in range(3))
+        expected, _ = per_sequence_reference(q, k, v, **options)
+        for got, want in zip(out.unbind(), expected):
+            assert reference.relative_error(got.transpose(0, 1), want) <= TOLERANCE[dtype]
+        if grad_out is not None:
+            torch.autograd.backward(expected, [g.transpose(0, 1).double() for g in grad_out.unbind()])
+            grads = [torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in ts], 1)
+                     for ts in zip(q, k, v)]
+            want = torch.cat(grads)
+            assert reference.relative_error(base.grad.values().view_as(want), want) <= TOLERANCE[dtype]
+
+    for options in (dict(), dict(), dict(causal=True), dict(causal=True, causal_align="lower_right"), dict()):
+        _, (q, k, v) = views()
+        check(varattn.attention(q, k, v, **options), options)
+    assert len(getattr(x.offsets(), nested._DESCRIBED)) == 3
+    for _ in range(2):
+        base, (q, k, v) = views(grad=True)
+        out = varattn.attention(q, k, v, causal=True)
+        grad_out = torch.nested.nested_tensor_from_jagged(
+            reference.randn(gen, sum(lengths), HEADS, HEAD_DIM, dtype=dtype, device=device),
+            x.offsets()).transpose(1, 2)
+        out.backward(grad_out)
+        check(out, dict(causal=True), grad_out, base)
+    assert len(getattr(x.offsets(), nested._DESCRIBED)) == 4
+    x.offsets().copy_(torch.tensor([0, 3, 9, 9, 14], device=device))  # lengths 3, 6, 0, 5: the longest stays 6
+    _, (q, k, v) = views()
+    check(varattn.attention(q, k, v), {})
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_jagged_with_holes(gen, device):
     """torch.nested.narrow leaves holes between sequences; they are read in place."""
     base = reference.randn(gen, 4, 12, HEADS * HEAD_DIM, dtype=dtype_on(device), device=device)

@@ -27,6 +27,7 @@ from torch._C import DispatchKey, DispatchKeySet
 from torch._library import simple_registry
 from torch.nested._internal.nested_tensor import NestedTensor as Jagged
 
+from .. import checks
 from .. import params as params_
 from .. import run
 from ..recent import Recent
@@ -211,7 +212,7 @@ class TracedJaggedSide(JaggedSide):
         return made.transpose(1, 2) if self.ragged_dim == 2 else made
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (described calls' keys hold layouts)
 class StridedLayout:
     """Where a strided NestedTensor's components lie, from its metadata alone."""
     seq: int                                 # the sequence dim within a component
@@ -223,6 +224,7 @@ class StridedLayout:
     back_to_back: bool                       # sequences follow each other from row 0
     _templates: dict = field(default_factory=dict, repr=False)
     _on_device: dict = field(default_factory=dict, repr=False)
+    described: dict = field(default_factory=dict, repr=False)  # calls with this layout's query: see _call
 
     @property
     def rows_key(self) -> bytes:
@@ -466,6 +468,20 @@ def ragged_dim(query, layout) -> int:
 
 def call(query, key, value, layout, attn_mask, options):
     """(AttentionParams, NestedForm, the caller's q, k, v) of a call on NestedTensors."""
+    if attn_mask is not None or type(query) is not Jagged or torch.compiler.is_compiling():
+        return _call(query, key, value, layout, attn_mask, options)
+    key_ = _jagged_key(query, key, value, layout, options)
+    if key_ is None:
+        return _call(query, key, value, layout, attn_mask, options)
+    found = getattr(query._offsets, _DESCRIBED, {}).get(key_)
+    if found is not None:
+        return _jagged_described_call(found, query, key, value)
+    made = _call(query, key, value, layout, attn_mask, options)
+    _describe_jagged(query, key_, made[0])
+    return made
+
+
+def _call(query, key, value, layout, attn_mask, options):
     dim = ragged_dim(query, layout)
     q_rank = len(query._size) if isinstance(query, Jagged) else query.dim()
     if q_rank != 4:
@@ -478,6 +494,12 @@ def call(query, key, value, layout, attn_mask, options):
              side(value, dim, "value", requires_grad))
     if not sides[1].same_rows(sides[2]):
         raise ValueError("key and value must have the same sequence lengths and layout")
+    described_key = None
+    if isinstance(sides[0], StridedSide) and attn_mask is None:
+        described_key = _strided_key(sides, query, key, value, options, requires_grad)
+        found = sides[0].layout.described.get(described_key)
+        if found is not None:
+            return _strided_described_call(found, sides, (query, key, value))
     # Differentiable sides are converted by torch ops that autograd records; the
     # others are read without it, and run.py's Function takes the NestedTensors.
     differentiable = sides[0].differentiable
@@ -505,7 +527,96 @@ def call(query, key, value, layout, attn_mask, options):
                 **options)
         except ValueError as error:
             raise _named_max_seqlen(error) from None
+    if described_key is not None:
+        _describe(sides[0].layout.described, described_key, params)
     return params, NestedForm(*sides, out=out), (None if differentiable else (query, key, value))
+
+
+# Calls of a structure described before. A model makes new views of its
+# projections in every layer and step, of one batch: a call keeps its
+# description (params without tensors, checked) for the next call of its
+# structure, keyed by everything the description and the checks depend on
+# besides the tensors' addresses (the lengths' contents included, which the
+# CPU and varattn.set_device_checks check at every call of a new description).
+# Jagged: a call whose query, key and value share their offsets and lengths
+# keeps it on the offsets tensor (so that it goes with them), keyed by the
+# ragged dims, the values' dtypes, devices, sizes and strides, the offsets'
+# and lengths' versions (changed in place: described again), the stream
+# (their int32 copies are made on one) and the longest length; not where the
+# description would hold the offsets or lengths themselves (int32 ones, which
+# the kernels take as they are), which would keep them alive through
+# themselves. Strided: on the query's layout (kept by its metadata's
+# contents), keyed by the key's and value's layouts, dtypes and devices.
+# Both also by the options, whether a backward follows, torch's
+# deterministic setting and the stream.
+_DESCRIBED, _DESCRIBED_LIMIT = "_varattn_described", 16
+
+
+def _jagged_key(query, key, value, layout, options) -> tuple | None:
+    """The key of a jagged call's description, or None when it is not kept."""
+    offsets, lengths = query._offsets, query._lengths
+    if (type(key) is not Jagged or type(value) is not Jagged or key._offsets is not offsets
+            or value._offsets is not offsets or key._lengths is not lengths or value._lengths is not lengths
+            or checks.device_checks_enabled()):
+        return None
+    qv, kv, vv = query._values, key._values, value._values
+    return (layout, query._ragged_idx, key._ragged_idx, value._ragged_idx, qv.dtype, kv.dtype, vv.dtype,
+            qv.get_device(), kv.get_device(), vv.get_device(), qv.shape, kv.shape, vv.shape, qv.stride(),
+            kv.stride(), vv.stride(), params_.option_values(options), params_.needs_grad(query, key, value),
+            torch.are_deterministic_algorithms_enabled(), offsets._version,
+            None if lengths is None else lengths._version, ragged.stream_of(offsets.device), query._get_max_seqlen())
+
+
+def _strided_key(sides, query, key, value, options, requires_grad) -> tuple | None:
+    """The key of a strided call's description (its sides made), or None when it is not kept."""
+    if checks.device_checks_enabled():
+        return None
+    device = query.device
+    return (type(sides[0]), sides[1].layout, sides[2].layout, query.dtype, key.dtype, value.dtype, device,
+            key.device, value.device, params_.option_values(options), requires_grad,
+            torch.are_deterministic_algorithms_enabled(), ragged.stream_of(device))
+
+
+def _describe(described: dict, key_: tuple, params) -> None:
+    """Keep the description of call `params` under key_ in `described`."""
+    if params.structure is None or params.q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if len(described) >= _DESCRIBED_LIMIT:
+        described.clear()
+    described[key_] = params.with_tensors(None, None, None, None)
+
+
+def _describe_jagged(query, key_: tuple, params) -> None:
+    offsets = query._offsets
+    if params.cu_seqlens_q is offsets or params.seqused_q is not None and params.seqused_q is query._lengths:
+        return
+    described = getattr(offsets, _DESCRIBED, None)
+    if described is None:
+        described = {}
+        setattr(offsets, _DESCRIBED, described)
+    _describe(described, key_, params)
+
+
+def _jagged_described_call(described, query, key, value):
+    """`call`'s result for a jagged call of a described structure."""
+    dim = query._ragged_idx
+    sides = (JaggedSide(query, dim, "query"), JaggedSide(key, dim, "key"), JaggedSide(value, dim, "value"))
+    if dim == 1:
+        q, k, v = query._values, key._values, value._values
+    elif described.requires_grad:  # gradients reach the NestedTensors through run.py's Function, not the rows
+        with torch.no_grad():
+            q, k, v = query._values.transpose(0, 1), key._values.transpose(0, 1), value._values.transpose(0, 1)
+    else:
+        q, k, v = query._values.transpose(0, 1), key._values.transpose(0, 1), value._values.transpose(0, 1)
+    return described.with_tensors(q, k, v, None), NestedForm(*sides), (query, key, value)
+
+
+def _strided_described_call(described, sides, inputs):
+    """`call`'s result for a strided call of a described structure, its sides made."""
+    q, k, v = (_rows_in_layout(s.nt, s.layout) for s in sides)
+    out = sides[0].new_nested((q.shape[1], v.shape[-1]), q.dtype, q.device)
+    params = described.with_tensors(q, k, v, None, None if out is None else out[0])
+    return params, NestedForm(*sides, out=out), (None if sides[0].differentiable else inputs)
 
 
 def _rows(sides) -> tuple[Ragged, Ragged, Ragged]:
