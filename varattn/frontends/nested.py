@@ -601,11 +601,10 @@ def _jagged_described_call(described, query, key, value):
     """`call`'s result for a jagged call of a described structure."""
     dim = query._ragged_idx
     sides = (JaggedSide(query, dim, "query"), JaggedSide(key, dim, "key"), JaggedSide(value, dim, "value"))
+    # (gradients reach the NestedTensors through run.py's Function, whatever
+    # autograd records of these views: values made by torch's ops have none)
     if dim == 1:
         q, k, v = query._values, key._values, value._values
-    elif described.requires_grad:  # gradients reach the NestedTensors through run.py's Function, not the rows
-        with torch.no_grad():
-            q, k, v = query._values.transpose(0, 1), key._values.transpose(0, 1), value._values.transpose(0, 1)
     else:
         q, k, v = query._values.transpose(0, 1), key._values.transpose(0, 1), value._values.transpose(0, 1)
     return described.with_tensors(q, k, v, None), NestedForm(*sides), (query, key, value)
