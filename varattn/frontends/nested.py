@@ -18,6 +18,7 @@ used.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -226,8 +227,9 @@ class StridedLayout:
     _on_device: dict = field(default_factory=dict, repr=False)
     described: dict = field(default_factory=dict, repr=False)  # calls with this layout's query: see _call
 
-    @property
+    @functools.cached_property
     def rows_key(self) -> bytes:
+        """Where the sequences lie in the packed rows, as bytes (layouts of views of one buffer differ in offsets only)."""
         return self.starts.tobytes() + self.lengths.tobytes()
 
     def lengths_on(self, device: torch.device):
