@@ -259,10 +259,10 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         float rescale[2];
         softmax(0, rescale);
         keep_p();
+        if (tiles > 1) mbarrier_wait(sm.k_full(g0 + 1), ((g0 + 1) / S::K_BUFFERS) & 1);  // K(i) is waited for a tile ahead
     }
     for (int i = 1; i < tiles; ++i) {
         const int g = g0 + i;
-        mbarrier_wait(sm.k_full(g), (g / S::K_BUFFERS) & 1);
         mbarrier_wait(sm.v_full(g - 1), ((g - 1) / S::V_BUFFERS) & 1);
         take_turn();
         wgmma_fence();
@@ -274,6 +274,12 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         scores_done(i);
         float rescale[2];
         softmax(i, rescale);
+        // K(i + 1) is waited for here rather than at the top of the next
+        // turn, so that the wait's branch ends the softmax's basic block:
+        // ptxas places a wgmma wait early in its block, ahead of arithmetic
+        // that does not depend on it, so in the softmax's block the wait for
+        // P(i - 1) V(i - 1) would come before the softmax and not overlap it.
+        if (i + 1 < tiles) mbarrier_wait(sm.k_full(g + 1), ((g + 1) / S::K_BUFFERS) & 1);
         wgmma_wait<0>();
         fence_registers(o);
         fence_registers(pv);
