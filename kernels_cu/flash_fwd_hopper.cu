@@ -182,7 +182,11 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     constexpr int HEAD_DIM = S::HEAD_DIM, BLOCK_N = S::BLOCK_N, WARPGROUPS = S::WARPGROUPS;
     constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = S::PV_N / 8;
     const int tiles = t.end_tile - t.first_tile, g0 = seen.key_tiles;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = warp / 4;
+    // group is broadcast from lane 0 so that ptxas knows a warp agrees on it:
+    // the wgmma operands' addresses, which depend on it, are then computed in
+    // uniform registers (where wgmma takes its descriptors), not per thread
+    // and copied over.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = __shfl_sync(0xffffffffu, warp / 4, 0);
     const int first_row = t.m0 + 64 * group + 16 * (warp % 4) + lane / 4;
     const float scale_log2 = (float)p.scale * LOG2_E;
     const unsigned q_address = sm.q + group * 64 * 128;  // this warpgroup's 64 rows
