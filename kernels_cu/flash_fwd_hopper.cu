@@ -198,22 +198,27 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
     float s[N_BLOCKS * 4];
     unsigned pv[BLOCK_N / 16][4];  // P of the previous tile, the A operand of its P V
 
-    // S = Q K^T: K-major operands, 16 of head_dim per instruction, 4 per swizzle atom.
+    // S = Q K^T: K-major operands, 16 of head_dim per instruction, 4 per
+    // swizzle atom. Each instruction's descriptors are a tile's plus an
+    // offset (one add, not a descriptor built from an address).
+    const unsigned long long q_operand = wgmma_descriptor(q_address, 16, 1024);
     auto issue_s = [&](int g) {
+        const unsigned long long k_operand = wgmma_descriptor(sm.k(g), 16, 1024);
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             const unsigned step = (kk % 4) * 32;  // bytes into the swizzle atom
-            WgmmaSS<T, BLOCK_N>::run(s, wgmma_descriptor(q_address + (kk / 4) * S::BLOCK_M * 128 + step, 16, 1024),
-                                     wgmma_descriptor(sm.k(g) + (kk / 4) * BLOCK_N * 128 + step, 16, 1024), kk > 0);
+            WgmmaSS<T, BLOCK_N>::run(s, descriptor_plus(q_operand, (kk / 4) * S::BLOCK_M * 128 + step),
+                                     descriptor_plus(k_operand, (kk / 4) * BLOCK_N * 128 + step), kk > 0);
         }
         wgmma_commit();
     };
     // O += P V: V MN-major, 16 keys (two 8-row groups of 1024 bytes) per
     // instruction; its head_dim atoms lie BLOCK_N * 128 bytes apart.
     auto issue_pv = [&](int g) {
+        const unsigned long long v_operand = wgmma_descriptor(sm.v(g), BLOCK_N * 128, 1024);
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-            WgmmaRS<T, S::PV_N>::run(o, pv[kk], wgmma_descriptor(sm.v(g) + kk * 2048, BLOCK_N * 128, 1024));
+            WgmmaRS<T, S::PV_N>::run(o, pv[kk], descriptor_plus(v_operand, kk * 2048));
         wgmma_commit();
     };
     auto softmax = [&](int i, float (&rescale)[2]) {
