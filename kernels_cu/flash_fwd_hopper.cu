@@ -26,7 +26,9 @@
 //     once its wgmma reads are done. No CTA-wide barrier in the loop. Two warpgroups take turns
 //     at issuing their products (two named barriers), so that the tensor
 //     cores run one's while the other computes its softmax.
-//   Then O / l and the LSE, once (epilogues.cuh: write_rows).
+//   Then O / l and the LSE, once (epilogues.cuh: write_rows). The
+//     consumers look up their next tile (plan and sequence lengths, global
+//     loads) between issuing the last P V and waiting for it.
 // Copies bring whole tiles, so rows past a sequence's end hold other data;
 // the masks hide them from S, and the last V tile's are zeroed before P V.
 // Head dims that are not a multiple of 64 (32, 96) fill their last swizzle
@@ -62,33 +64,33 @@
 //   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
 //   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
 //   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 80 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
 //   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 80 B   40 B  96 B + 145.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 84 B   40 B  96 B + 145.0 KB
 //   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 88 B   48 B  96 B + 169.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 92 B   48 B  96 B + 169.0 KB
 //   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, true>    sm_90a        168             84 / 96 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, true>    sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
 //   flash_fwd_hopper<half_t, 32, 32, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 32, 32, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
 //   flash_fwd_hopper<half_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
 //   flash_fwd_hopper<half_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 80 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
 //   flash_fwd_hopper<half_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 80 B   48 B  96 B + 193.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
 //   flash_fwd_hopper<half_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<half_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 80 B   40 B  96 B + 145.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 84 B   40 B  96 B + 145.0 KB
 //   flash_fwd_hopper<half_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<half_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 88 B   48 B  96 B + 169.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 92 B   48 B  96 B + 169.0 KB
 //   flash_fwd_hopper<half_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<half_t, 256, 256, 64, 2, true>    sm_90a        168             84 / 96 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2, true>    sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
@@ -175,10 +177,12 @@ __device__ __forceinline__ void produce(const FlashTile& t, const Visited& seen,
 }
 
 // A consumer warpgroup: its 64 query rows against every key tile, then the output.
-// Rows are packed (FlashTile) when packed_heads > 1.
-template <typename T, typename S>
+// Rows are packed (FlashTile) when packed_heads > 1. locate_next() looks up
+// the CTA's next tile: called once the last products are issued, so that
+// its global loads wait while the tensor cores finish and the output is written.
+template <typename T, typename S, typename LocateNext>
 __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t, const Visited& seen, const S& sm,
-                                        int packed_heads) {
+                                        int packed_heads, LocateNext&& locate_next) {
     constexpr int HEAD_DIM = S::HEAD_DIM, BLOCK_N = S::BLOCK_N, WARPGROUPS = S::WARPGROUPS;
     constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = S::PV_N / 8;
     const int tiles = t.end_tile - t.first_tile, g0 = seen.key_tiles;
@@ -312,9 +316,12 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         wgmma_fence();
         issue_pv(last);
         pass_turn();
+    }
+    locate_next();
+    if (tiles > 0) {
         wgmma_wait<0>();
         fence_registers(o);
-        release(sm.v_free(last));
+        release(sm.v_free(g0 + tiles - 1));
     }
     write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V, packed_heads);
 }
@@ -363,10 +370,16 @@ flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
         }
     } else {
         set_max_registers_inc<CONSUMER_REGISTERS>();
-        for (int work = blockIdx.x; locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work, t);
-             work += gridDim.x) {
-            consume<T>(p, t, seen, sm, packed_heads<PACKED>(p));
+        int work = blockIdx.x;
+        bool more = locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work, t);
+        while (more) {
+            FlashTile next;
+            consume<T>(p, t, seen, sm, packed_heads<PACKED>(p), [&] {
+                more = locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work + gridDim.x, next);
+            });
             seen.add(t);
+            work += gridDim.x;
+            if (more) t = next;
         }
     }
 }
