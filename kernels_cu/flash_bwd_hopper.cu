@@ -1,16 +1,16 @@
 // flash_bwd_hopper.cu — the flash backward's main pass on Hopper (sm_90a):
 // the algorithm of flash_bwd.cu with warpgroup matrix instructions (wgmma)
-// and the copy engine (TMA), head_dim 128. flash_bwd.cu's preprocess
-// (delta) runs first and flash_bwd_hopper_dq (at the end of this file) last;
-// the deterministic mode and every other head dim use flash_bwd.cu.
+// and the copy engine (TMA), head dims 32, 64, 96 and 128. flash_bwd.cu's
+// preprocess (delta) runs first and flash_bwd_hopper_dq (at the end of this
+// file) last; the deterministic mode uses flash_bwd.cu.
 //
 // Per CTA = (key tile of BLOCK_N = 128 keys, key/value head, sequence): two
 // consumer warpgroups of 64 keys each, and one producer warpgroup.
 //   Producer: one thread copies K and V once, then Q and dO of every query
-//     tile (64 rows) of every query head of the group into two stages, each
-//     as soon as every consumer thread has released it; one warp writes the
-//     tile's lse (log2-scaled; +inf where a row has no probability) and delta
-//     beside it. Its warpgroup keeps 24 registers, the consumers take 240.
+//     tile (BLOCK_M rows) of every query head of the group into two stages,
+//     each as soon as every consumer thread has released it; one warp writes
+//     the tile's lse (log2-scaled; +inf where a row has no probability) and
+//     delta beside it. Its warpgroup keeps 24 registers, the consumers take 240.
 //   Consumers, per query tile, each on its 64 keys (keys as rows):
 //     S^T = K Q^T, then dP^T = V dO^T           (operands in shared memory;
 //                                                 P^T computed while dP^T runs)
@@ -18,9 +18,9 @@
 //     dV += P^T dO                              (P^T from registers; runs while
 //                                                 dS^T goes to shared memory)
 //     once both warpgroups' halves of dS^T are there:
-//     dQ = dS K for half of head_dim each       (dS and K read MN-major)
+//     dQ = dS K, a 64 x 64 block each           (dS and K read MN-major)
 //     dK += dS^T Q                              (dS^T from registers)
-//     and while dK runs, the warpgroup stages its 64 x 64 half of dQ in the
+//     and while dK runs, the warpgroup stages its block of dQ in the
 //     accumulator's block layout (DqAccum) and one thread has the copy engine
 //     add it to the float32 accumulator (one cp.reduce.async.bulk of 16 KB).
 //   dK and dV stay in registers for the whole CTA (summed over the group's
@@ -30,22 +30,54 @@
 // memory before use (V's only meet masked probabilities). Where a pair of
 // tiles crosses a mask edge or a sequence's end, masked elements of P^T and
 // dS^T are then set to 0 by selects; the other pairs (most) take no branch
-// or compare per element.
+// or compare per element. Head dims that are not a multiple of 64 (32, 96)
+// take whole 64-column swizzle atoms, as the forward does: the copy engine
+// fills the columns past head_dim with zeros, S^T and dP^T read head_dim's
+// columns only, dV, dK and dQ run over whole atoms (their extra columns are
+// zeros) and only head_dim's columns are written.
 //
-// Tiles: BLOCK_N = 128 keys so that one K/V tile feeds two warpgroups; each
-// warpgroup holds dK and dV (64 + 64 fp32 per thread), S^T and dP^T (32 +
-// 32), which 240 registers hold; BLOCK_M = 64 query rows, the smallest wgmma
-// M, keeps S^T and dP^T small. Shared memory: K, V (32 KB each), two stages
-// of Q and dO (16 KB each; a third stage measured no faster), two dS^T
-// buffers (16 KB each: one warpgroup may start the next tile while the other
-// still reads the last dS), dQ staging (16 KB per warpgroup), lse and delta:
-// 194 KB, one CTA per SM. Masked elements take a select, not a branch: the
-// branches and their convergence barriers cost a quarter of the loop's
-// instructions. "registers" below is the launch's cap; after setmaxnreg the
-// consumers have 240.
+// Tiles. BLOCK_N = 128 keys so that one K/V tile feeds two warpgroups, and
+// BLOCK_M = 128 / atoms query rows, so that dQ of a step is two 64 x 64
+// blocks, one per warpgroup, each a chain of m64n64 instructions over whole
+// swizzle atoms (a block narrower than an atom would need a descriptor
+// starting inside one):
+//   head_dim 96, 128 (2 atoms): BLOCK_M 64, dQ split by head_dim's atoms.
+//     Per thread dK, dV 64 + 64 fp32, S^T, dP^T 32 + 32 (m64n64): the
+//     240 registers hold them with lse and delta loaded early, before the
+//     products (once they run, their operand reads keep shared memory busy
+//     and a load waits long). Shared memory: K, V (32 KB each), two stages
+//     of Q and dO (16 KB each; a third stage measured no faster), two dS^T
+//     buffers (16 KB each: one warpgroup may start the next tile while the
+//     other still reads the last dS), dQ staging (16 KB per warpgroup), lse
+//     and delta: 194 KB.
+//   head_dim 32, 64 (1 atom): BLOCK_M 128, dQ split by query rows. dK, dV
+//     are half as large (32 + 32 per thread), S^T and dP^T twice (64 + 64,
+//     m64n128): as many accumulators as at 128. BLOCK_M 64 would need
+//     32-column dQ blocks (inside an atom) or both warpgroups adding a
+//     partial dQ; and a 128-row step has the barriers, lse loads and dQ
+//     additions of a 64-row one for twice the work (chosen by that
+//     reasoning, not yet timed against the alternatives). lse and delta (32
+//     + 32 per thread) are loaded where they are used: held from before the
+//     products, they made ptxas spill. Shared memory: K, V (16 KB each), Q
+//     and dO (16 KB per stage each), dS^T (32 KB per buffer), dQ staging,
+//     lse and delta: 195 KB.
+//   192 and 256 are not here: dK and dV of 64 keys x 192 or 256 columns
+//     (192 or 256 fp32 per thread) do not fit one warpgroup's registers
+//     beside S^T and dP^T; they would need dK and dV split over the
+//     warpgroups by columns, a different kernel.
+// One CTA per SM. Masked elements take a select, not a branch: the branches
+// and their convergence barriers cost a quarter of the loop's instructions.
+// "registers" below is the launch's cap; after setmaxnreg the consumers have
+// 240.
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
 //   instance                       arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_bwd_hopper<bf16_t, 32>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 64>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 96>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
 //   flash_bwd_hopper<bf16_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 32>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 64>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 96>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
 //   flash_bwd_hopper<half_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
 // end of resources
 #include "block_ranges.cuh"
@@ -54,18 +86,27 @@
 #include "tma.cuh"
 #include "wgmma.cuh"
 
+// Tiles per head dim. K and V of BLOCK_N = 128 keys, 64 per consumer
+// warpgroup; head_dim padded to whole 64-column swizzle atoms (WIDTH);
+// BLOCK_M = 128 / ATOMS queries per step, so that dQ (BLOCK_M x WIDTH) is
+// two 64 x 64 blocks, one per consumer warpgroup: head_dim's two atoms of 64
+// rows (ATOMS 2), or the two 64-row halves of one atom (ATOMS 1).
 template <int HEAD_DIM>
 struct BwdHopperShared {
-    static constexpr int BLOCK_M = 64, BLOCK_N = 128, CONSUMERS = 256, STAGES = 2, DS_BUFFERS = 2;
-    static constexpr int ATOMS = HEAD_DIM / 64;  // 64-column swizzle atoms, one copy each
-    static constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2, Q_BYTES = BLOCK_M * HEAD_DIM * 2;
+    static constexpr int ATOMS = (HEAD_DIM + 63) / 64, WIDTH = 64 * ATOMS;  // 64-column swizzle atoms, one copy each
+    static constexpr int BLOCK_M = 128 / ATOMS, BLOCK_N = 128, CONSUMERS = 256, STAGES = 2, DS_BUFFERS = 2;
+    static_assert(ATOMS <= 2, "dK and dV of 64 keys x WIDTH in one warpgroup's registers");
+    static constexpr int KV_BYTES = BLOCK_N * WIDTH * 2, Q_BYTES = BLOCK_M * WIDTH * 2;
     static constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
-    static constexpr int DQ_BYTES = BLOCK_M * HEAD_DIM / 2 * 4;  // one warpgroup's half of dQ, float32
+    static constexpr int DQ_BYTES = 64 * 64 * 4;  // one warpgroup's block of dQ, float32
     static constexpr int ROWS_BYTES = 2 * BLOCK_M * 4;  // lse and delta of one stage
     // Byte offsets of the regions from base, in this order.
     static constexpr int Q_AT = 2 * KV_BYTES, DOUT_AT = Q_AT + STAGES * Q_BYTES, DS_AT = DOUT_AT + STAGES * Q_BYTES,
                          DQ_AT = DS_AT + DS_BUFFERS * DS_BYTES, ROWS_AT = DQ_AT + CONSUMERS / 128 * DQ_BYTES,
                          BYTES = ROWS_AT + STAGES * ROWS_BYTES;
+    // Warpgroup wg's block of dQ: its first query row in the step's tile and its atom of head_dim.
+    static __device__ __forceinline__ int dq_row0(int wg) { return ATOMS == 1 ? 64 * wg : 0; }
+    static __device__ __forceinline__ int dq_atom(int wg) { return ATOMS == 1 ? 0 : wg; }
     unsigned base, barriers;  // shared-space addresses: the tiles (1024-aligned), the barriers
 
     __device__ unsigned k() const { return base; }
@@ -91,16 +132,16 @@ struct BwdHopperShared {
 };
 
 // The float32 dQ accumulator: per head, tiles_per_head slots of 64 query
-// rows (query_tile_slot), each two blocks of 64 rows x 64 columns (the
-// halves of head_dim, one per consumer warpgroup), so that one bulk
-// reduction adds a warpgroup's whole half. Rows of a slot past its
-// sequence's end belong to no other sequence. Inside a block, 16-byte chunk
-// k of row r sits at chunk k ^ 2 (r % 8): the staging stores of a warp (8
-// rows, float2 each) fall in distinct banks.
+// rows (query_tile_slot), each ATOMS blocks of 64 rows x 64 columns (head_dim's
+// swizzle atoms), so that one bulk reduction adds a warpgroup's whole block.
+// Rows of a slot past its sequence's end belong to no other sequence. Inside
+// a block, 16-byte chunk k of row r sits at chunk k ^ 2 (r % 8): the staging
+// stores of a warp (8 rows, float2 each) fall in distinct banks.
+template <int ATOMS>
 struct DqAccum {
     static constexpr int ROWS = 64, COLUMNS = 64;
-    static __device__ __forceinline__ long long block(const BwdParams& g, int h, long long slot, int half) {
-        return ((h * g.tiles_per_head + slot) * 2 + half) * (ROWS * COLUMNS);
+    static __device__ __forceinline__ long long block(const BwdParams& g, int h, long long slot, int atom) {
+        return ((h * g.tiles_per_head + slot) * ATOMS + atom) * (ROWS * COLUMNS);
     }
     static __device__ __forceinline__ int offset(int r, int c) {
         return r * COLUMNS + (((c / 4) ^ (2 * (r % 8))) * 4) + c % 4;
@@ -172,8 +213,8 @@ template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g, const KeyTile& t,
                                         const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm) {
     using S = BwdHopperShared<HEAD_DIM>;
-    constexpr int D_BLOCKS = HEAD_DIM / 8, HALF = HEAD_DIM / 2;
-    static_assert(HALF == 64, "dQ = dS K takes one 64-column swizzle atom of K per warpgroup");
+    constexpr int BLOCK_M = S::BLOCK_M, M_BLOCKS = BLOCK_M / 8, M_STEPS = BLOCK_M / 16, D_BLOCKS = S::WIDTH / 8;
+    constexpr bool ROWS_EARLY = BLOCK_M == 64;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
     const int key_row = 64 * wg + 16 * (warp % 4) + lane / 4;  // this thread's keys: key_row and + 8 of the tile
     const int group = p.heads / p.heads_kv;
@@ -183,8 +224,9 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
     const auto key_operand = [](int kk) { return (kk / 4) * S::BLOCK_N * 128 + (kk % 4) * 32; };
     const unsigned long long k_major_k = wgmma_descriptor(sm.k() + wg * 64 * 128, 16, 1024),
                              k_major_v = wgmma_descriptor(sm.v() + wg * 64 * 128, 16, 1024),
-                             mn_major_k = wgmma_descriptor(sm.k() + wg * S::BLOCK_N * 128, S::BLOCK_N * 128, 1024);
-    const auto query_operand = [](int kk) { return (kk / 4) * S::BLOCK_M * 128 + (kk % 4) * 32; };
+                             mn_major_k = wgmma_descriptor(sm.k() + S::dq_atom(wg) * S::BLOCK_N * 128,
+                                                           S::BLOCK_N * 128, 1024);
+    const auto query_operand = [](int kk) { return (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32; };
 
     float dk[D_BLOCKS * 4], dv[D_BLOCKS * 4];
 #pragma unroll
@@ -200,37 +242,43 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
     }
     Step step(t, group, steps);
     for (int i = 0; i < steps.count; ++i, step.next(steps)) {
-        const int h = step.h, m0 = step.tile * S::BLOCK_M;
+        const int h = step.h, m0 = step.tile * BLOCK_M;
         mbarrier_wait(sm.stage_full(i), (i / S::STAGES) & 1);
-        if (m0 + S::BLOCK_M > t.queries.len) {
-            zero_rows_from<S::BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.q(i), t.queries.len - m0);
-            zero_rows_from<S::BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.dout(i), t.queries.len - m0);
+        if (m0 + BLOCK_M > t.queries.len) {
+            zero_rows_from<BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.q(i), t.queries.len - m0);
+            zero_rows_from<BLOCK_M, S::ATOMS, S::CONSUMERS>(sm.dout(i), t.queries.len - m0);
             fence_proxy_async();
             named_barrier_sync(1, S::CONSUMERS);
         }
-        // lse before the products: once they run, their operand reads keep
-        // shared memory busy and a load waits long.
+        // lse before the products where registers allow (ROWS_EARLY): once
+        // they run, their operand reads keep shared memory busy and a load
+        // waits long. At BLOCK_M 128, S^T and dP^T take those registers, and
+        // each pair of lse and delta is loaded where it is used.
         const float* rows = (const float*)__cvta_shared_to_generic(sm.rows(i));  // lse, then delta
-        float2 lse[8];
+        const auto row_pair = [&](int at, int j) { return *(const float2*)(rows + at + 8 * j + 2 * (lane % 4)); };
+        float2 early[ROWS_EARLY ? M_BLOCKS : 1];
+        if constexpr (ROWS_EARLY) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) lse[j] = *(const float2*)(rows + 8 * j + 2 * (lane % 4));
+            for (int j = 0; j < M_BLOCKS; ++j) early[j] = row_pair(0, j);
+        }
 
         // S^T = K Q^T, then dP^T = V dO^T, in two groups so that P^T is computed
-        // while dP^T runs: this warpgroup's 64 keys x 64 queries, K-major
-        // operands, 16 of head_dim per instruction, 4 per swizzle atom.
-        float s[32], dp[32];
+        // while dP^T runs: this warpgroup's 64 keys x BLOCK_M queries, K-major
+        // operands, 16 of head_dim per instruction, 4 per swizzle atom (only
+        // head_dim's columns: the rest of the last atom is zeros).
+        float s[M_BLOCKS * 4], dp[M_BLOCKS * 4];
         const unsigned long long k_major_q = wgmma_descriptor(sm.q(i), 16, 1024),
                                  k_major_dout = wgmma_descriptor(sm.dout(i), 16, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            WgmmaSS<T, 64>::run(s, descriptor_plus(k_major_k, key_operand(kk)),
-                                descriptor_plus(k_major_q, query_operand(kk)), kk > 0);
+            WgmmaSS<T, BLOCK_M>::run(s, descriptor_plus(k_major_k, key_operand(kk)),
+                                     descriptor_plus(k_major_q, query_operand(kk)), kk > 0);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            WgmmaSS<T, 64>::run(dp, descriptor_plus(k_major_v, key_operand(kk)),
-                                descriptor_plus(k_major_dout, query_operand(kk)), kk > 0);
+            WgmmaSS<T, BLOCK_M>::run(dp, descriptor_plus(k_major_v, key_operand(kk)),
+                                     descriptor_plus(k_major_dout, query_operand(kk)), kk > 0);
         wgmma_commit();
 
         // P^T while dP^T runs (K and Q rows past the ends are zeros: finite),
@@ -240,24 +288,28 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
         wgmma_wait<1>();
         fence_registers(s);
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < M_BLOCKS; ++j) {
+            const float2 lse = ROWS_EARLY ? early[ROWS_EARLY ? j : 0] : row_pair(0, j);
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? lse[j].y : lse[j].x)));
-        float2 delta[8];  // loaded while dP^T runs, in lse's registers
+            for (int e = 0; e < 4; ++e) s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], scale_log2, -(e % 2 ? lse.y : lse.x)));
+        }
+        if constexpr (ROWS_EARLY) {  // delta, loaded while dP^T runs, in lse's registers
 #pragma unroll
-        for (int j = 0; j < 8; ++j) delta[j] = *(const float2*)(rows + S::BLOCK_M + 8 * j + 2 * (lane % 4));
+            for (int j = 0; j < M_BLOCKS; ++j) early[j] = row_pair(BLOCK_M, j);
+        }
         wgmma_wait<0>();
         fence_registers(dp);
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < M_BLOCKS; ++j) {
+            const float2 delta = ROWS_EARLY ? early[ROWS_EARLY ? j : 0] : row_pair(BLOCK_M, j);
 #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? delta[j].y : delta[j].x));
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - (e % 2 ? delta.y : delta.x));
+        }
         // Apart from the loop above, so that unmasked pairs of tiles (most)
         // take no branch per element.
-        if (pair_crosses_edge<64, 64>(p, t, t.n0 + 64 * wg, m0)) {
+        if (pair_crosses_edge<BLOCK_M, 64>(p, t, t.n0 + 64 * wg, m0)) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < M_BLOCKS; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const bool visible = seen_by[e / 2].contains(m0 + 8 * j + 2 * (lane % 4) + e % 2);
@@ -265,69 +317,76 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
                     s[4 * j + e] = visible ? s[4 * j + e] : 0.f;
                 }
         }
-        unsigned pt[4][4], dst[4][4];  // P^T and dS^T as A operands, 16 queries each
+        unsigned pt[M_STEPS][4], dst[M_STEPS][4];  // P^T and dS^T as A operands, 16 queries each
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            p_fragment<T, 8>(s, kk, pt[kk]);
-            p_fragment<T, 8>(dp, kk, dst[kk]);
+        for (int kk = 0; kk < M_STEPS; ++kk) {
+            p_fragment<T, M_BLOCKS>(s, kk, pt[kk]);
+            p_fragment<T, M_BLOCKS>(dp, kk, dst[kk]);
         }
         // dV += P^T dO (dO read MN-major: 16 query rows, two 8-row groups of
-        // 1024 bytes, per instruction), running while dS^T is stored.
-        const unsigned long long mn_major_q = wgmma_descriptor(sm.q(i), S::BLOCK_M * 128, 1024),
-                                 mn_major_dout = wgmma_descriptor(sm.dout(i), S::BLOCK_M * 128, 1024);
+        // 1024 bytes, per instruction; N = whole atoms), running while dS^T is stored.
+        const unsigned long long mn_major_q = wgmma_descriptor(sm.q(i), BLOCK_M * 128, 1024),
+                                 mn_major_dout = wgmma_descriptor(sm.dout(i), BLOCK_M * 128, 1024);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(dv, pt[kk], descriptor_plus(mn_major_dout, kk * 2048));
+        for (int kk = 0; kk < M_STEPS; ++kk)
+            WgmmaRS<T, S::WIDTH>::run(dv, pt[kk], descriptor_plus(mn_major_dout, kk * 2048));
         wgmma_commit();
 
-        // dS^T -> shared memory: rows = the tile's 128 keys, 64 queries (one
-        // swizzle atom of 128 bytes per row; 16-byte chunk c of row r at c ^ (r % 8)).
+        // dS^T -> shared memory: rows = the tile's 128 keys, BLOCK_M queries in
+        // atoms of 64 (128 bytes per row; 16-byte chunk c of row r at c ^ (r % 8)).
         unsigned char* ds = (unsigned char*)__cvta_shared_to_generic(sm.ds(i));
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
+        for (int kk = 0; kk < M_STEPS; ++kk)
 #pragma unroll
             for (int x = 0; x < 4; ++x) {  // A fragment register x: rows + 8 (x % 2), queries 16 kk + 8 (x / 2)
                 const int row = key_row + 8 * (x % 2), chunk = 2 * kk + x / 2;
-                *(unsigned*)(ds + row * 128 + ((chunk ^ (row % 8)) * 16) + (lane % 4) * 4) = dst[kk][x];
+                *(unsigned*)(ds + (chunk / 8) * S::BLOCK_N * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)
+                             + (lane % 4) * 4) = dst[kk][x];
             }
         fence_proxy_async();
         if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the last step's dQ add has read the staging
         named_barrier_sync(2, S::CONSUMERS);  // both halves of dS^T are in place
 
-        // dQ (64 queries x this warpgroup's half of head_dim) = dS K over all
-        // 128 keys: dS is the stored dS^T read MN-major, K's half is swizzle atom
-        // wg. Then dK += dS^T Q, which runs while dQ is staged.
-        const unsigned long long mn_major_ds = wgmma_descriptor(sm.ds(i), S::BLOCK_N * 128, 1024);
+        // This warpgroup's 64 x 64 block of dQ (queries dq_row0 + [0, 64),
+        // head_dim's atom dq_atom) = dS K over all 128 keys: dS is the stored
+        // dS^T read MN-major, K read MN-major. Then dK += dS^T Q, which runs
+        // while dQ is staged.
+        float dq[32];
+        const unsigned long long mn_major_ds = wgmma_descriptor(sm.ds(i) + S::dq_row0(wg) / 64 * S::BLOCK_N * 128,
+                                                                S::BLOCK_N * 128, 1024);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < S::BLOCK_N / 16; ++kk)
-            WgmmaSS<T, 64, true>::run(s, descriptor_plus(mn_major_ds, kk * 2048), descriptor_plus(mn_major_k, kk * 2048),
+            WgmmaSS<T, 64, true>::run(dq, descriptor_plus(mn_major_ds, kk * 2048), descriptor_plus(mn_major_k, kk * 2048),
                                       kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            WgmmaRS<T, HEAD_DIM>::run(dk, dst[kk], descriptor_plus(mn_major_q, kk * 2048));
+        for (int kk = 0; kk < M_STEPS; ++kk)
+            WgmmaRS<T, S::WIDTH>::run(dk, dst[kk], descriptor_plus(mn_major_q, kk * 2048));
         wgmma_commit();
         wgmma_wait<1>();  // dV and dQ are done
         fence_registers(pt);
         fence_registers(dv);
-        fence_registers(s);
+        fence_registers(dq);
 
-        // This warpgroup's half of dQ, staged in DqAccum's block layout, then
+        // This warpgroup's block of dQ, staged in DqAccum's block layout, then
         // added by the copy engine in one bulk reduction (the staging is free
         // again: its issuing thread waited for the last one before barrier 2).
+        // A block wholly past the queries' end (ATOMS 1) holds zeros and is not added.
         float* staged = (float*)__cvta_shared_to_generic(sm.dq(wg));
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                *(float2*)(staged + DqAccum::offset(16 * (warp % 4) + lane / 4 + 8 * r, 8 * j + 2 * (lane % 4))) =
-                    make_float2(s[4 * j + 2 * r] * scale, s[4 * j + 2 * r + 1] * scale);
+                *(float2*)(staged + DqAccum<S::ATOMS>::offset(16 * (warp % 4) + lane / 4 + 8 * r, 8 * j + 2 * (lane % 4))) =
+                    make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
         fence_proxy_async();
         named_barrier_sync(3 + wg, 128);
-        if (threadIdx.x % 128 == 0)
-            bulk_reduce_add_f32(g.dq_accum + DqAccum::block(g, h, query_tile_slot(t.queries, t.b, m0 / S::BLOCK_M), wg),
+        const int dq_m0 = m0 + S::dq_row0(wg);
+        if (threadIdx.x % 128 == 0 && (S::dq_row0(wg) == 0 || dq_m0 < t.queries.len))
+            bulk_reduce_add_f32(g.dq_accum + DqAccum<S::ATOMS>::block(g, h, query_tile_slot(t.queries, t.b, dq_m0 / 64),
+                                                                      S::dq_atom(wg)),
                                 sm.dq(wg), S::DQ_BYTES);
         wgmma_wait<0>();  // dK is done: Q and dO are free
         fence_registers(dst);
@@ -336,7 +395,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
     }
     if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
-    // dK * scale and dV for this thread's keys, once.
+    // dK * scale and dV for this thread's keys (head_dim's columns), once.
     store_dk_dv<T, D_BLOCKS>(p, g, t.keys, t.h_kv, t.n0 + key_row, HEAD_DIM, 0, dk, dv, scale);
 }
 
@@ -377,37 +436,44 @@ flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
     }
 }
 
-// dQ from the accumulator, in the inputs' dtype: one warp per query row, 4
-// columns per lane, heads HEADS_AT_ONCE at a time (loads in flight); rows in
-// no sequence, or past seqused, get 0.
-template <typename T>
+// dQ from the accumulator, in the inputs' dtype: ROW_LANES lanes per query
+// row (4 columns each, WIDTH / 4 columns per pass), 8 * 32 / ROW_LANES rows
+// per CTA and pass over the rows (backends/flash.py: hopper_dq_rows), heads
+// HEADS_AT_ONCE at a time (loads in flight); rows in no sequence, or past
+// seqused, get 0.
+template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(256) flash_bwd_hopper_dq(const AttnParams p, const BwdParams g, void* dq) {
     static_assert(sizeof(T) == 2, "bf16 or fp16");
-    constexpr int HEADS_AT_ONCE = 4;
-    const long long row = (long long)blockIdx.x * 8 + threadIdx.x / 32;
-    if (row >= p.total_q) return;
-    const int lane = threadIdx.x % 32;
-    const int b = sequence_of(p.cu_seqlens_q, p.batch, row);
-    long long slot = -1;  // the row's query-tile slot, if it has one
-    int r = 0;            // and its row there
-    if (b >= 0) {
-        const SeqSpan queries = query_span(p, b);
-        if (row - queries.start < queries.len) {
-            slot = query_tile_slot(queries, b, (int)((row - queries.start) / 64));
-            r = (int)((row - queries.start) % 64);
+    using S = BwdHopperShared<HEAD_DIM>;
+    constexpr int HEADS_AT_ONCE = 4, ROW_LANES = S::WIDTH / 4 < 32 ? S::WIDTH / 4 : 32, ROWS = 256 / ROW_LANES;
+    const int lane = threadIdx.x % ROW_LANES;
+    for (long long row = (long long)blockIdx.x * ROWS + threadIdx.x / ROW_LANES; row < p.total_q;
+         row += (long long)gridDim.x * ROWS) {
+        const int b = sequence_of(p.cu_seqlens_q, p.batch, row);
+        long long slot = -1;  // the row's query-tile slot, if it has one
+        int r = 0;            // and its row there
+        if (b >= 0) {
+            const SeqSpan queries = query_span(p, b);
+            if (row - queries.start < queries.len) {
+                slot = query_tile_slot(queries, b, (int)((row - queries.start) / 64));
+                r = (int)((row - queries.start) % 64);
+            }
         }
-    }
-    const float* accum = g.dq_accum + DqAccum::offset(r, 4 * (lane % 16));
-    T* out = (T*)dq + row * p.heads * 128 + 4 * lane;
-    for (int h0 = 0; h0 < p.heads; h0 += HEADS_AT_ONCE) {
-        float4 x[HEADS_AT_ONCE];
+        T* out = (T*)dq + row * p.heads * HEAD_DIM;
+        for (int c = 4 * lane; c < HEAD_DIM; c += 4 * ROW_LANES) {
+            const float* accum = g.dq_accum + DqAccum<S::ATOMS>::offset(r, c % 64);
+            for (int h0 = 0; h0 < p.heads; h0 += HEADS_AT_ONCE) {
+                float4 x[HEADS_AT_ONCE];
 #pragma unroll
-        for (int u = 0; u < HEADS_AT_ONCE; ++u)
-            x[u] = slot >= 0 && h0 + u < p.heads ? *(const float4*)(accum + DqAccum::block(g, h0 + u, slot, lane / 16))
-                                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+                for (int u = 0; u < HEADS_AT_ONCE; ++u)
+                    x[u] = slot >= 0 && h0 + u < p.heads
+                         ? *(const float4*)(accum + DqAccum<S::ATOMS>::block(g, h0 + u, slot, c / 64))
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-        for (int u = 0; u < HEADS_AT_ONCE; ++u)
-            if (h0 + u < p.heads)
-                *(uint2*)(out + (h0 + u) * 128) = make_uint2(pack2<T>(x[u].x, x[u].y), pack2<T>(x[u].z, x[u].w));
+                for (int u = 0; u < HEADS_AT_ONCE; ++u)
+                    if (h0 + u < p.heads)
+                        *(uint2*)(out + (h0 + u) * HEAD_DIM + c) = make_uint2(pack2<T>(x[u].x, x[u].y), pack2<T>(x[u].z, x[u].w));
+            }
+        }
     }
 }

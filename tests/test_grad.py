@@ -157,6 +157,34 @@ def test_flash(gen, dtype, head_dim, mask):
                 with_lse=hash(str(mask)) % 2 == 0, **mask)
 
 
+# Every mask with one of the head layouts (GQA 1, 4, 8 and 2, MQA), and causal with all of them.
+HOPPER_HEADS = [(8, 8), (8, 2), (8, 1), (6, 3)]
+HOPPER_CASES = ([(mask, HOPPER_HEADS[i % 4]) for i, mask in enumerate(FLASH_MASKS)]
+                + [(FLASH_MASKS[1], heads) for heads in HOPPER_HEADS[1:]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", flash.HOPPER_BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("mask, heads", HOPPER_CASES, ids=str)
+def test_flash_hopper_backward(gen, monkeypatch, head_dim, mask, heads):
+    """On Hopper, kernels_cu/flash_bwd_hopper.cu itself (not the mma.sync
+    backward it falls back on) at each of its head dims: drawn lengths (0, 1,
+    Lq != Lk, several query tiles of 64 or 128 rows), then lengths around the
+    tile edges, Lk 0 against Lq > 0 among them."""
+    from varattn.cuda import loader
+    if loader.arch_of(torch.device("cuda")) != "sm_90a":
+        pytest.skip("the Hopper backward runs on sm_90a")
+    chosen, choose = [], flash._backward_kernel
+    monkeypatch.setattr(flash, "_backward_kernel", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    case = HOPPER_CASES.index((mask, heads))
+    dtype = (torch.bfloat16, torch.float16)[case % 2]
+    check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, batch=7, longest=300,
+                with_lse=case % 3 != 0, **mask)
+    check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, with_lse=case % 3 == 0,
+                lengths=([1, 0, 64, 65, 127, 128, 129, 300], [1, 5, 64, 200, 0, 128, 127, 3]), **mask)
+    assert len(chosen) == 2 and all(kernel.family == "flash_bwd_hopper" for kernel in chosen)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flash_seqused_and_long_sequences(gen, head_dim):

@@ -2,9 +2,9 @@
 
 Forward: kernels_cu/flash_fwd_hopper.cu (wgmma, a persistent grid) on
 Hopper; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ elsewhere.
-Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper at head_dim 128;
-kernels_cu/flash_bwd.cu (mma.sync) for head dims 32 to 128 and the
-deterministic mode.
+Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper;
+kernels_cu/flash_bwd.cu (mma.sync) elsewhere and for the deterministic
+mode; head dims 32 to 128.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
 LSE, head dims 32 to 256 (and head_dim_v != head_dim for the forward on
@@ -196,11 +196,11 @@ def forward(params):
 
 
 # The backward: kernels_cu/flash_bwd.cu (mma.sync, 64 x 64 tiles, head dims up
-# to 128, and the deterministic mode), and on Hopper at head_dim 128
-# kernels_cu/flash_bwd_hopper.cu (wgmma, 128-key tiles).
+# to 128, and the deterministic mode), and on Hopper kernels_cu/flash_bwd_hopper.cu
+# (wgmma, 128-key tiles, head dims up to 128).
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BACKWARD_BLOCK, BACKWARD_THREADS = 64, 128
-HOPPER_BACKWARD_HEAD_DIMS, HOPPER_BACKWARD_BLOCK_N, HOPPER_BACKWARD_BLOCK_M = (128,), 128, 64
+HOPPER_BACKWARD_HEAD_DIMS, HOPPER_BACKWARD_BLOCK_N = (32, 64, 96, 128), 128
 HOPPER_BACKWARD_THREADS = 384
 loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).lower()}>" for t in STORAGE_TYPES.values()
                                      for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
@@ -208,9 +208,10 @@ loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).l
                        + [f"flash_plan<{BACKWARD_BLOCK}, KEY_ROWS>"])
 loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t in STORAGE_TYPES.values()
                                             for d in HOPPER_BACKWARD_HEAD_DIMS]
-                       + [f"flash_bwd_hopper_dq<{t}>" for t in STORAGE_TYPES.values()]
+                       + [f"flash_bwd_hopper_dq<{t}, {d}>" for t in STORAGE_TYPES.values()
+                          for d in HOPPER_BACKWARD_HEAD_DIMS]
                        + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, KEY_ROWS>"])
-DQ_THREADS = 256  # flash_bwd_hopper_dq: a warp per query row
+DQ_THREADS = 256  # flash_bwd_hopper_dq
 
 
 def backward_shared_mem(head_dim: int) -> int:
@@ -218,12 +219,28 @@ def backward_shared_mem(head_dim: int) -> int:
     return 4 * BACKWARD_BLOCK * (head_dim + 8) * 2 + BACKWARD_BLOCK * (BACKWARD_BLOCK + 8) * 2 + 2 * BACKWARD_BLOCK * 4
 
 
+def hopper_backward_width(head_dim: int) -> int:
+    """head_dim padded to whole 64-column swizzle atoms, as the Hopper backward's tiles hold it."""
+    return -(-head_dim // 64) * 64
+
+
+def hopper_backward_block_m(head_dim: int) -> int:
+    """Query rows per step of the Hopper backward: 128 / atoms (kernels_cu/flash_bwd_hopper.cu: BwdHopperShared)."""
+    return 128 // (hopper_backward_width(head_dim) // 64)
+
+
 def hopper_backward_shared_mem(head_dim: int) -> int:
-    # K, V; two stages of Q, dO and dS^T; dQ staging (block_m x head_dim
-    # floats); two stages of lse and delta; 1 KB to align
-    block_m, block_n = HOPPER_BACKWARD_BLOCK_M, HOPPER_BACKWARD_BLOCK_N
-    return (2 * block_n * head_dim * 2 + 2 * (2 * block_m * head_dim * 2 + block_n * block_m * 2)
-            + block_m * head_dim * 4 + 2 * 2 * block_m * 4 + 1024)
+    # K, V; two stages of Q and dO; two dS^T buffers (block_n x block_m);
+    # dQ staging (two 64 x 64 float blocks); two stages of lse and delta;
+    # 1 KB to align (kernels_cu/flash_bwd_hopper.cu: BwdHopperShared::BYTES)
+    width, block_m, block_n = hopper_backward_width(head_dim), hopper_backward_block_m(head_dim), HOPPER_BACKWARD_BLOCK_N
+    return (2 * block_n * width * 2 + 2 * 2 * block_m * width * 2 + 2 * block_n * block_m * 2
+            + 2 * 64 * 64 * 4 + 2 * 2 * block_m * 4 + 1024)
+
+
+def hopper_dq_rows(head_dim: int) -> int:
+    """Query rows per CTA of flash_bwd_hopper_dq: 4 columns per lane, up to 32 lanes a row."""
+    return DQ_THREADS // min(32, hopper_backward_width(head_dim) // 4)
 
 
 @dataclass(frozen=True)
@@ -244,11 +261,12 @@ def _backward_kernel(params, grad_out) -> _BackwardKernel:
     if (not params.deterministic and head_dim in HOPPER_BACKWARD_HEAD_DIMS
             and loader.arch_of(params.device) == "sm_90a"):
         try:
-            maps = (tensor_map.rows(params.q, HOPPER_BACKWARD_BLOCK_M), tensor_map.rows(params.k, HOPPER_BACKWARD_BLOCK_N),
-                    tensor_map.rows(params.v, HOPPER_BACKWARD_BLOCK_N), tensor_map.rows(grad_out, HOPPER_BACKWARD_BLOCK_M))
+            block_m = hopper_backward_block_m(head_dim)
+            maps = (tensor_map.rows(params.q, block_m), tensor_map.rows(params.k, HOPPER_BACKWARD_BLOCK_N),
+                    tensor_map.rows(params.v, HOPPER_BACKWARD_BLOCK_N), tensor_map.rows(grad_out, block_m))
             return _BackwardKernel("flash_bwd_hopper", f"flash_bwd_hopper<{dtype}, {head_dim}>", HOPPER_BACKWARD_BLOCK_N,
                                    HOPPER_BACKWARD_THREADS, hopper_backward_shared_mem(head_dim), maps,
-                                   f"flash_bwd_hopper_dq<{dtype}>")
+                                   f"flash_bwd_hopper_dq<{dtype}, {head_dim}>")
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
             log.info("varattn: %s; using the mma.sync backward", error)
     return _BackwardKernel("flash_bwd", f"flash_bwd<{dtype}, {head_dim}, {str(params.deterministic).lower()}>",
@@ -270,7 +288,8 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
     main = _backward_kernel(params, grad_out)
     # Query-tile slots per head (kernels_cu/bwd_params.cuh: query_tile_slot).
     tiles_per_head = params.total_q // BACKWARD_BLOCK + batch + 1
-    accum_shape = (params.num_heads * tiles_per_head * BACKWARD_BLOCK * params.head_dim,) if main.dq_name else q.shape
+    accum_shape = ((params.num_heads * tiles_per_head * BACKWARD_BLOCK * hopper_backward_width(params.head_dim),)
+                   if main.dq_name else q.shape)
     dq_accum = torch.zeros(accum_shape, dtype=torch.float32, device=device)
     delta = torch.empty(params.num_heads, params.total_q, dtype=torch.float32, device=device)
     if grad_lse is not None:
@@ -295,6 +314,6 @@ def backward(params, out, lse, grad_out, grad_lse, bias_grad):
         return dq_accum.to(q.dtype), dk, dv, None
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     loader.launch(loader.kernel(main.family, main.dq_name, device),
-                  (-(-params.total_q // (DQ_THREADS // 32)),), (DQ_THREADS,),
+                  (-(-params.total_q // hopper_dq_rows(params.head_dim)),), (DQ_THREADS,),
                   loader.Args(packed, grads, loader.pointer(dq)), stream=stream)
     return dq, dk, dv, None
