@@ -107,7 +107,7 @@ def test_jagged_described_calls_follow_what_changes(gen, device):
         for got, want in zip(out.unbind(), expected):
             assert reference.relative_error(got.transpose(0, 1), want) <= TOLERANCE[dtype]
         if grad_out is not None:
-            torch.autograd.backward(expected, [g.transpose(0, 1).double() for g in grad_out.unbind()])
+            torch.autograd.backward(expected, [g.transpose(0, 1).double().to(e.device) for g, e in zip(grad_out.unbind(), expected)])
             grads = [torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in ts], 1)
                      for ts in zip(q, k, v)]
             want = torch.cat(grads)

@@ -10,7 +10,6 @@ immutable: changed copies are made with `dataclasses.replace`.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -238,15 +237,7 @@ OPTIONS = (("causal", False), ("causal_align", "upper_left"), ("window", (-1, -1
 
 def option_values(options: dict) -> tuple:
     """The values of build_params' options given as keywords in `options`, in OPTIONS' order, defaults filled in."""
-    if len(options) == len(OPTIONS):  # all given, as varattn.attention gives them: one lookup of each
-        try:
-            return _ALL_OPTIONS(options)
-        except KeyError:
-            pass
     return tuple([options.get(name, default) for name, default in OPTIONS])
-
-
-_ALL_OPTIONS = operator.itemgetter(*(name for name, _ in OPTIONS))
 
 
 def checked_params(structure, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,

@@ -213,7 +213,7 @@ class TracedJaggedSide(JaggedSide):
         return made.transpose(1, 2) if self.ragged_dim == 2 else made
 
 
-@dataclass(eq=False)  # compared and hashed by identity (described calls' keys hold layouts)
+@dataclass(eq=False)
 class StridedLayout:
     """Where a strided NestedTensor's components lie, from its metadata alone."""
     seq: int                                 # the sequence dim within a component
@@ -224,6 +224,7 @@ class StridedLayout:
     view: tuple | None                       # (storage offset of row 0, row strides) of the packed view; None: copy
     back_to_back: bool                       # sequences follow each other from row 0
     _templates: dict = field(default_factory=dict, repr=False)
+    key: tuple = field(default=(), repr=False)   # the metadata's contents it is kept by (strided_layout)
     _on_device: dict = field(default_factory=dict, repr=False)
     described: dict = field(default_factory=dict, repr=False)  # calls with this layout's query: see _call
 
@@ -293,6 +294,7 @@ def strided_layout(nt, seq: int, name: str) -> StridedLayout:
     found = _layouts.get(key)
     if found is None:
         found = _strided_layout(sizes, strides, offsets, seq, name)
+        found.key = key
         _layouts.put(key, found)
     return found
 
@@ -548,7 +550,9 @@ def _call(query, key, value, layout, attn_mask, options):
 # description would hold the offsets or lengths themselves (int32 ones, which
 # the kernels take as they are), which would keep them alive through
 # themselves. Strided: on the query's layout (kept by its metadata's
-# contents), keyed by the key's and value's layouts, dtypes and devices.
+# contents), keyed by the key's and value's layouts' contents (the layouts
+# themselves would make a cycle: the query's own, in self-attention),
+# dtypes and devices.
 # Both also by the options, whether a backward follows, torch's
 # deterministic setting and the stream.
 _DESCRIBED, _DESCRIBED_LIMIT = "_varattn_described", 16
@@ -574,7 +578,7 @@ def _strided_key(sides, query, key, value, options, requires_grad) -> tuple | No
     if checks.device_checks_enabled():
         return None
     device = query.device
-    return (type(sides[0]), sides[1].layout, sides[2].layout, query.dtype, key.dtype, value.dtype, device,
+    return (type(sides[0]), sides[1].layout.key, sides[2].layout.key, query.dtype, key.dtype, value.dtype, device,
             key.device, value.device, params_.option_values(options), requires_grad,
             torch.are_deterministic_algorithms_enabled(), ragged.stream_of(device))
 
