@@ -8,17 +8,41 @@
 #include "mma.cuh"
 #include "tma.cuh"
 
+// One thread's two columns of each 8-column block j of row `row` (< 64) of
+// a staging tile: 64-row atoms of 64 columns (128 bytes a row, 8 KB an
+// atom), 128-byte swizzled as the copy engine reads them for tma_store
+// (tma.cuh; the tile 1024-aligned): 16-byte chunk c of a row lies at chunk
+// c ^ (row % 8). A warp's store (8 rows, one chunk each, 4 lanes a chunk)
+// then covers the 32 banks once.
+template <typename T, int D_BLOCKS>
+__device__ __forceinline__ void stage_row(unsigned staging, int row, const float (&o)[D_BLOCKS * 4], int r,
+                                          float inv_sum, int columns) {
+    const int lane = threadIdx.x % 32;
+    const unsigned at = staging + row * 128 + (lane % 4) * 4;
+#pragma unroll
+    for (int j = 0; j < D_BLOCKS; ++j)
+        if (8 * j < columns) {
+            const unsigned address = at + (j / 8) * 64 * 128 + (((j % 8) ^ (row % 8)) << 4);
+            asm volatile("st.shared.b32 [%0], %1;\n"
+                         :: "r"(address), "r"(pack2<T>(o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum))
+                         : "memory");
+        }
+}
+
 // O * out_scale / l and lse = lse_scale * max + ln l for this thread's two
 // rows (first_row and first_row + 8: query row / packed_heads of head t.h +
 // row % packed_heads, FlashTile), in the first `columns` columns; rows past the sequence
 // are not written, nor lse when the caller needs none (p.lse null).
 // lse_scale: what turns the running max into scores (p.scale where the
-// softmax folds the scale in).
-template <typename T, int D_BLOCKS>
+// softmax folds the scale in). STAGED: O goes not to p.out but to the
+// staging tile at shared-space address `staging` (stage_row) that holds the
+// 64 rows from first_row - first_row % 64, for the caller to store with the
+// copy engine.
+template <typename T, int D_BLOCKS, bool STAGED = false>
 __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile& t, int first_row,
                                            const float (&o)[D_BLOCKS * 4], const float (&row_max)[2],
                                            float (&row_sum)[2], float lse_scale, float out_scale = 1.f,
-                                           int columns = D_BLOCKS * 8, int packed_heads = 1) {
+                                           int columns = D_BLOCKS * 8, int packed_heads = 1, unsigned staging = 0) {
     const int lane = threadIdx.x % 32;
     float* lse = p.lse ? (float*)p.lse + t.h * p.total_q + t.queries.start : nullptr;
 #pragma unroll
@@ -29,10 +53,14 @@ __device__ __forceinline__ void write_rows(const AttnParams& p, const FlashTile&
         const int i = (first_row + 8 * r) / packed_heads, dh = (first_row + 8 * r) % packed_heads;
         if (i >= t.queries.len) continue;
         const float inv_sum = sum > 0.f ? out_scale / sum : 0.f;
-        T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + (t.h + dh) * p.out_head_stride;
+        if constexpr (STAGED) {
+            stage_row<T, D_BLOCKS>(staging, (first_row + 8 * r) % 64, o, r, inv_sum, columns);
+        } else {
+            T* out = (T*)p.out + (t.queries.start + i) * p.out_row_stride + (t.h + dh) * p.out_head_stride;
 #pragma unroll
-        for (int j = 0; j < D_BLOCKS; ++j)
-            if (8 * j < columns) store2<T>(out + 8 * j + 2 * (lane % 4), o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+            for (int j = 0; j < D_BLOCKS; ++j)
+                if (8 * j < columns) store2<T>(out + 8 * j + 2 * (lane % 4), o[4 * j + 2 * r] * inv_sum, o[4 * j + 2 * r + 1] * inv_sum);
+        }
         if (lse && lane % 4 == 0) lse[dh * p.total_q + i] = sum > 0.f ? row_max[r] * lse_scale + __logf(sum) : neg_inf<float>();
     }
 }

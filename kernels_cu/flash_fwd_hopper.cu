@@ -26,9 +26,19 @@
 //     once its wgmma reads are done. No CTA-wide barrier in the loop. Two warpgroups take turns
 //     at issuing their products (two named barriers), so that the tensor
 //     cores run one's while the other computes its softmax.
-//   Then O / l and the LSE, once (epilogues.cuh: write_rows). The
-//     consumers look up their next tile (plan and sequence lengths, global
-//     loads) between issuing the last P V and waiting for it.
+//   Then O / l and the LSE, once (store_rows). The consumers look up their
+//     next tile (plan and sequence lengths, global loads) between issuing
+//     the last P V and waiting for it. With STAGED_OUT a warpgroup whose 64
+//     rows all belong to the sequence converts O / l into its own staging
+//     tile (128-byte swizzled, conflict-free stores) and one thread has the
+//     copy engine store it (cp.async.bulk.tensor), so that the global writes
+//     overlap the next tile; the thread waits for the store to have read the
+//     tile only before the next epilogue writes it again. The map of `out`
+//     clips a box only at the tensor's end, and a box past a sequence's end
+//     would overwrite the next sequence's rows: the warpgroup that crosses
+//     the end (one per sequence) writes from registers (write_rows), as do
+//     all where the host has no map of `out` (out_by_tma 0). Packed tiles
+//     fit the same box as 64 / G queries x G heads, where G divides 64.
 // Copies bring whole tiles, so rows past a sequence's end hold other data;
 // the masks hide them from S, and the last V tile's are zeroed before P V.
 // Head dims that are not a multiple of 64 (32, 96) fill their last swizzle
@@ -37,8 +47,9 @@
 // written.
 //
 // Tiles (BLOCK_M = 64 x WARPGROUPS; shared memory = Q + 2 K + 3 V tiles of
-// whole atoms + 1 KB for alignment; 2 / WARPGROUPS CTAs per SM), chosen by
-// timing the candidates on the H200 (CHANGELOG has the numbers):
+// whole atoms + 1 KB for alignment, + a 64-row staging tile per consumer
+// warpgroup with STAGED_OUT; 2 / WARPGROUPS CTAs per SM), chosen by timing
+// the candidates on the H200 (CHANGELOG has the numbers):
 //   head_dim  32:  1 consumer warpgroup,  BLOCK_N 128  (64 measured the same)
 //   head_dim  64:  1 consumer warpgroup,  BLOCK_N 128  (64 slower on W3, two warpgroups slower)
 //   head_dim  96:  2 consumer warpgroups, BLOCK_N 128  (176, two V buffers, slower)
@@ -53,44 +64,49 @@
 // warpgroup where two CTAs then share an SM (short sequences keep it busy).
 // At head_dim 256 one consumer warpgroup does not build (ptxas wants 158
 // registers at the m64n256 instruction, above the 128 of two CTAs per SM).
+// STAGED_OUT where the staging tiles still let those CTAs share an SM
+// (backends/flash.py: _wgmma): not at head_dim 256 (64 KB more would pass
+// the 227 KB a CTA may have) nor for the short-query tiles (16 KB more:
+// two CTAs, with the 1 KB the driver keeps for each, would need 192 bytes
+// more than the SM's 228 KB; and their 64 rows are rarely all in a sequence).
 // "registers" below is the launch's cap (65536 over the CTAs of an SM);
 // after setmaxnreg the consumers have up to 240, the producer 24. The
 // packed instances' spills are the producer's (its tile lookup divides by
 // the group) and the consumers' per-tile setup, none in the key-tile loop.
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
-//   instance                                           arch    registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
-//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 84 B   40 B  96 B + 145.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 92 B   48 B  96 B + 169.0 KB
-//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, true>    sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
-//   flash_fwd_hopper<half_t, 32, 32, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 32, 32, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 64, 64, 128, 1, false>    sm_90a        128               0 / 0 B    0 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 64, 64, 128, 1, true>     sm_90a        128             48 / 48 B   40 B  96 B + 89.0 KB
-//   flash_fwd_hopper<half_t, 96, 96, 128, 2, false>    sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 96, 96, 128, 2, true>     sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 64, 1, false>   sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 64, 1, true>    sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 128, 2, false>  sm_90a        168               0 / 0 B    0 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 128, 128, 128, 2, true>   sm_90a        168             68 / 84 B   48 B  96 B + 193.0 KB
-//   flash_fwd_hopper<half_t, 192, 128, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 145.0 KB
-//   flash_fwd_hopper<half_t, 192, 128, 64, 2, true>    sm_90a        168             68 / 84 B   40 B  96 B + 145.0 KB
-//   flash_fwd_hopper<half_t, 192, 192, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 169.0 KB
-//   flash_fwd_hopper<half_t, 192, 192, 64, 2, true>    sm_90a        168             76 / 92 B   48 B  96 B + 169.0 KB
-//   flash_fwd_hopper<half_t, 256, 256, 64, 2, false>   sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
-//   flash_fwd_hopper<half_t, 256, 256, 64, 2, true>    sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
+//   instance                                                 arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, false, true>    sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 32, 32, 128, 1, true, true>     sm_90a        128             48 / 48 B   40 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, false, true>    sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 64, 64, 128, 1, true, true>     sm_90a        128             48 / 48 B   40 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, false, true>    sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 96, 96, 128, 2, true, true>     sm_90a        168             68 / 84 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, false, false>  sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 64, 1, true, false>   sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, false, true>  sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 128, 128, 128, 2, true, true>   sm_90a        168             68 / 84 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, false, true>   sm_90a        168               0 / 0 B    0 B  96 B + 177.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 128, 64, 2, true, true>    sm_90a        168             68 / 84 B   40 B  96 B + 177.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, false, true>   sm_90a        168               0 / 0 B    0 B  96 B + 217.0 KB
+//   flash_fwd_hopper<bf16_t, 192, 192, 64, 2, true, true>    sm_90a        168             76 / 92 B   48 B  96 B + 217.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, false, false>  sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<bf16_t, 256, 256, 64, 2, true, false>   sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1, false, true>    sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 32, 32, 128, 1, true, true>     sm_90a        128             48 / 48 B   40 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1, false, true>    sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 64, 64, 128, 1, true, true>     sm_90a        128             48 / 48 B   40 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2, false, true>    sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 96, 96, 128, 2, true, true>     sm_90a        168             68 / 84 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1, false, false>  sm_90a        128               0 / 0 B    0 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 64, 1, true, false>   sm_90a        128             68 / 84 B   48 B  96 B + 97.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2, false, true>  sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 128, 128, 128, 2, true, true>   sm_90a        168             68 / 84 B   48 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2, false, true>   sm_90a        168               0 / 0 B    0 B  96 B + 177.0 KB
+//   flash_fwd_hopper<half_t, 192, 128, 64, 2, true, true>    sm_90a        168             68 / 84 B   40 B  96 B + 177.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2, false, true>   sm_90a        168               0 / 0 B    0 B  96 B + 217.0 KB
+//   flash_fwd_hopper<half_t, 192, 192, 64, 2, true, true>    sm_90a        168             76 / 92 B   48 B  96 B + 217.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2, false, false>  sm_90a        168               0 / 0 B    0 B  96 B + 225.0 KB
+//   flash_fwd_hopper<half_t, 256, 256, 64, 2, true, false>   sm_90a        168            84 / 100 B   48 B  96 B + 225.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
@@ -107,21 +123,29 @@
 // one buffer, its u-th load completing phase u of q_full and q_free.
 // Head dims that are not a multiple of 64 take whole swizzle atoms: the copy
 // engine fills the columns past head_dim with zeros, S reads only head_dim's
-// columns, and P V runs over the atoms' width (PV_N).
-template <int HEAD_DIM_, int HEAD_DIM_V_, int BLOCK_N_, int WARPGROUPS_>
+// columns, and P V runs over the atoms' width (PV_N). With STAGED_OUT each
+// consumer warpgroup has a staging tile for its 64 output rows after the V
+// buffers (ATOMS_V atoms of 64 x 128 bytes), which the copy engine stores.
+template <int HEAD_DIM_, int HEAD_DIM_V_, int BLOCK_N_, int WARPGROUPS_, bool STAGED_OUT_>
 struct HopperShared {
     static constexpr int HEAD_DIM = HEAD_DIM_, HEAD_DIM_V = HEAD_DIM_V_, BLOCK_N = BLOCK_N_;
     static constexpr int WARPGROUPS = WARPGROUPS_, K_BUFFERS = 2, V_BUFFERS = 3;
+    static constexpr bool STAGED_OUT = STAGED_OUT_;
     static constexpr int BLOCK_M = 64 * WARPGROUPS, CONSUMERS = 128 * WARPGROUPS;
     // 64-column swizzle atoms of Q and K, and of V, one copy each
     static constexpr int ATOMS = (HEAD_DIM + 63) / 64, ATOMS_V = (HEAD_DIM_V + 63) / 64;
     static constexpr int PV_N = 64 * ATOMS_V;
     static constexpr int Q_BYTES = BLOCK_M * ATOMS * 128, K_BYTES = BLOCK_N * ATOMS * 128;
-    static constexpr int V_BYTES = BLOCK_N * ATOMS_V * 128;
+    static constexpr int V_BYTES = BLOCK_N * ATOMS_V * 128, STAGING_BYTES = STAGED_OUT ? 64 * ATOMS_V * 128 : 0;
+    // the dynamic shared memory the host launches with (backends/flash.py: _wgmma), 1 KB to align
+    static constexpr int BYTES = Q_BYTES + K_BUFFERS * K_BYTES + V_BUFFERS * V_BYTES + WARPGROUPS * STAGING_BYTES + 1024;
     unsigned q, barriers;  // shared-space addresses: Q tile (1024-aligned), then K and V buffers; barriers
 
     __device__ unsigned k(int g) const { return q + Q_BYTES + (g % K_BUFFERS) * K_BYTES; }
     __device__ unsigned v(int g) const { return q + Q_BYTES + K_BUFFERS * K_BYTES + (g % V_BUFFERS) * V_BYTES; }
+    __device__ unsigned staging(int group) const {
+        return q + Q_BYTES + K_BUFFERS * K_BYTES + V_BUFFERS * V_BYTES + group * STAGING_BYTES;
+    }
     __device__ unsigned q_full() const { return barriers; }
     __device__ unsigned q_free() const { return barriers + 8; }
     __device__ unsigned k_full(int g) const { return barriers + 8 * (2 + g % K_BUFFERS); }
@@ -129,6 +153,7 @@ struct HopperShared {
     __device__ unsigned v_full(int g) const { return barriers + 8 * (2 + 2 * K_BUFFERS + g % V_BUFFERS); }
     __device__ unsigned v_free(int g) const { return barriers + 8 * (2 + 2 * K_BUFFERS + V_BUFFERS + g % V_BUFFERS); }
     static constexpr int BARRIERS = 2 + 2 * K_BUFFERS + 2 * V_BUFFERS;
+    static_assert(BYTES + 8 * BARRIERS <= 227 * 1024, "more shared memory than a CTA may have");
 
     __device__ void init() const {
         mbarrier_init(q_full(), 1);
@@ -176,13 +201,51 @@ __device__ __forceinline__ void produce(const FlashTile& t, const Visited& seen,
     }
 }
 
+// A consumer warpgroup's output: O / l and the LSE (write_rows). Where the
+// instance has staging tiles, the output map is usable and all 64 of the
+// warpgroup's rows belong to the sequence, O goes through the staging tile:
+// written there, fenced for the copy engine, stored by one thread as
+// ATOMS_V boxes of 64 rows (packed: 64 / G queries x G heads, the same
+// rows in the same order), and not waited for: the warpgroup goes on to its
+// next tile, and waits for the store to have read the tile only before it
+// writes the tile again. A box past a sequence's end would overwrite the next
+// sequence's rows (the map clips at the tensor's end only), so a warpgroup
+// whose rows cross the end (one per sequence and head at most) writes its
+// rows from registers.
+template <typename T, int D_BLOCKS, typename S>
+__device__ __forceinline__ void store_rows(const AttnParams& p, const FlashTile& t, const S& sm, int group,
+                                           int first_row, const float (&o)[D_BLOCKS * 4], const float (&row_max)[2],
+                                           float (&row_sum)[2], int packed_heads, const TensorMap& tma_out,
+                                           bool out_by_tma) {
+    const int first = t.m0 + 64 * group;  // the warpgroup's first row
+    if (!S::STAGED_OUT || !out_by_tma || first + 64 > t.queries.len * packed_heads) {
+        write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V, packed_heads);
+        return;
+    }
+    const bool issuer = threadIdx.x % 128 == 0;
+    const unsigned staging = sm.staging(group);
+    if (issuer) bulk_wait_read<0>();  // the previous tile's store is done reading the staging tile
+    named_barrier_sync(4 + group, 128);
+    write_rows<T, D_BLOCKS, true>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V,
+                                  packed_heads, staging);
+    fence_proxy_async();
+    named_barrier_sync(4 + group, 128);
+    if (issuer) {
+        const int row = (int)t.queries.start + first / packed_heads;
+        for (int a = 0; a < S::ATOMS_V; ++a) tma_store(tma_out, staging + a * 64 * 128, 64 * a, t.h, row);
+        bulk_commit();
+    }
+}
+
 // A consumer warpgroup: its 64 query rows against every key tile, then the output.
 // Rows are packed (FlashTile) when packed_heads > 1. locate_next() looks up
 // the CTA's next tile: called once the last products are issued, so that
 // its global loads wait while the tensor cores finish and the output is written.
+// out_by_tma: the output may go through the staging tile and tma_out (store_rows).
 template <typename T, typename S, typename LocateNext>
 __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t, const Visited& seen, const S& sm,
-                                        int packed_heads, LocateNext&& locate_next) {
+                                        int packed_heads, const TensorMap& tma_out, bool out_by_tma,
+                                        LocateNext&& locate_next) {
     constexpr int HEAD_DIM = S::HEAD_DIM, BLOCK_N = S::BLOCK_N, WARPGROUPS = S::WARPGROUPS;
     constexpr int N_BLOCKS = BLOCK_N / 8, D_BLOCKS = S::PV_N / 8;
     const int tiles = t.end_tile - t.first_tile, g0 = seen.key_tiles;
@@ -323,7 +386,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const FlashTile& t,
         fence_registers(o);
         release(sm.v_free(g0 + tiles - 1));
     }
-    write_rows<T, D_BLOCKS>(p, t, first_row, o, row_max, row_sum, (float)p.scale, 1.f, S::HEAD_DIM_V, packed_heads);
+    store_rows<T, D_BLOCKS>(p, t, sm, group, first_row, o, row_max, row_sum, packed_heads, tma_out, out_by_tma);
 }
 
 // Registers per thread after the split (multiples of 8): the producer keeps
@@ -343,11 +406,12 @@ __host__ __device__ constexpr int consumer_registers() {
 // fastest, the longest sequences' costliest tiles first) until they run out,
 // so that the producer copies a tile's first operands while the consumers
 // finish the tile before. A grid with a CTA per tile runs each tile once.
-template <typename T, int HEAD_DIM, int HEAD_DIM_V, int BLOCK_N, int WARPGROUPS, bool PACKED>
+template <typename T, int HEAD_DIM, int HEAD_DIM_V, int BLOCK_N, int WARPGROUPS, bool PACKED, bool STAGED_OUT>
 __global__ void __launch_bounds__(128 * (WARPGROUPS + 1), 2 / WARPGROUPS)
 flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, const __grid_constant__ TensorMap tma_q,
-                 const __grid_constant__ TensorMap tma_k, const __grid_constant__ TensorMap tma_v) {
-    using S = HopperShared<HEAD_DIM, HEAD_DIM_V, BLOCK_N, WARPGROUPS>;
+                 const __grid_constant__ TensorMap tma_k, const __grid_constant__ TensorMap tma_v,
+                 const __grid_constant__ TensorMap tma_out, int out_by_tma) {
+    using S = HopperShared<HEAD_DIM, HEAD_DIM_V, BLOCK_N, WARPGROUPS, STAGED_OUT>;
     constexpr int CONSUMER_REGISTERS = consumer_registers<WARPGROUPS>();
     extern __shared__ unsigned char shared_raw[];
     __shared__ __align__(8) unsigned long long barriers[S::BARRIERS];
@@ -356,7 +420,12 @@ flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
     sm.barriers = smem_address(barriers);
 
     if (blockIdx.x / (PACKED ? p.heads_kv : p.heads) >= tile_offsets[p.batch]) return;  // no tile for this CTA
-    if (threadIdx.x == 0) sm.init();
+    if (threadIdx.x == 0) {
+        unsigned dynamic_bytes;
+        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dynamic_bytes));
+        if (dynamic_bytes < S::BYTES) __trap();  // launched with less than the layout needs (backends/flash.py: _wgmma)
+        sm.init();
+    }
     __syncthreads();
     FlashTile t;
     Visited seen;
@@ -374,12 +443,15 @@ flash_fwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
         bool more = locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work, t);
         while (more) {
             FlashTile next;
-            consume<T>(p, t, seen, sm, packed_heads<PACKED>(p), [&] {
+            consume<T>(p, t, seen, sm, packed_heads<PACKED>(p), tma_out, out_by_tma != 0, [&] {
                 more = locate_tile<S::BLOCK_M, BLOCK_N, PACKED>(p, order, tile_offsets, work + gridDim.x, next);
             });
             seen.add(t);
             work += gridDim.x;
             if (more) t = next;
         }
+        // The last stores must have read their staging tile before the CTA's
+        // shared memory goes; waiting for their writes costs nothing more here.
+        if (STAGED_OUT && threadIdx.x % 128 == 0) bulk_wait<0>();
     }
 }

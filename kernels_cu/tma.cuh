@@ -1,5 +1,5 @@
 // tma.cuh — Hopper's bulk tensor copies (TMA) and the shared-memory barriers
-// (mbarriers) they complete on, as the flash forward on sm_90a uses them.
+// (mbarriers) loads complete on, as the flash kernels on sm_90a use them.
 //
 // A copy is described by a tensor map that the host encodes once per tensor
 // (varattn/cuda/tensor_map.py: cuTensorMapEncodeTiled) and passes by value as a
@@ -49,6 +49,16 @@ __device__ __forceinline__ void tma_load(unsigned destination, const TensorMap& 
                  : "memory");
 }
 
+// The box at (column, head, row) of a 3-D tensor map written from shared
+// memory, laid out as tma_load brings it; elements past the tensor's bounds
+// are not written (the map clips at its global sizes only). One thread
+// issues it; bulk_commit() closes the thread's group of such stores.
+__device__ __forceinline__ void tma_store(const TensorMap& map, unsigned source, int column, int head, int row) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n"
+                 :: "l"((unsigned long long)&map), "r"(column), "r"(head), "r"(row), "r"(source) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
 // Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads: sync
 // waits for all of them, arrive counts this thread's warp in and goes on.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
@@ -79,5 +89,10 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* global, unsigned shar
                  :: "l"(global), "r"(shared), "r"(bytes) : "memory");
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
+// Wait in the issuing thread until at most PENDING of its bulk groups are
+// still reading their shared memory (then it may be overwritten), or, for
+// bulk_wait, still writing global memory.
 template <int PENDING>
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(PENDING) : "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(PENDING) : "memory"); }

@@ -311,6 +311,63 @@ def test_hopper_backward_instances(gen, fake_device, monkeypatch, head_dim, bloc
         assert name in loader.FAMILIES["flash_bwd_hopper"]
 
 
+# Hopper forward instances by (head_dim, head_dim_v, consumer warpgroups): whether
+# each consumer warpgroup has a 64-row output staging tile, and the dynamic
+# shared memory (Q + 2 K + 3 V + staging + 1 KB to align, kernels_cu/flash_fwd_hopper.cu).
+HOPPER_FORWARD_SHARED = {
+    (32, 32, 1): (True, (64 + 2 * 128 + 3 * 128 + 64) * 128 + 1024),
+    (64, 64, 1): (True, (64 + 2 * 128 + 3 * 128 + 64) * 128 + 1024),
+    (96, 96, 2): (True, ((128 + 2 * 128 + 3 * 128) * 2 + 2 * 2 * 64) * 128 + 1024),
+    (128, 128, 2): (True, ((128 + 2 * 128 + 3 * 128) * 2 + 2 * 2 * 64) * 128 + 1024),
+    (192, 192, 2): (True, ((128 + 2 * 64 + 3 * 64) * 3 + 2 * 3 * 64) * 128 + 1024),
+    (192, 128, 2): (True, ((128 + 2 * 64) * 3 + 3 * 64 * 2 + 2 * 2 * 64) * 128 + 1024),
+    (256, 256, 2): (False, (128 + 2 * 64 + 3 * 64) * 4 * 128 + 1024),  # 64 KB of staging does not fit
+    (128, 128, 1): (False, (64 + 2 * 64 + 3 * 64) * 2 * 128 + 1024),  # 16 KB more: not two CTAs per SM
+}
+
+
+def test_hopper_forward_staged_output():
+    """The Hopper forward stages its output where the staging tiles still let
+    2 / warpgroups CTAs share an SM (228 KB, 1 KB of it kept per CTA, 227 KB
+    at most per CTA, 96 bytes of static barriers), and the instances say so."""
+    kernels = [*flash.WGMMA.values(), *flash.WGMMA_SHORT.values()]
+    assert len(kernels) == len(HOPPER_FORWARD_SHARED)
+    for kernel in kernels:
+        warpgroups = kernel.block_m // 64
+        staged, shared = HOPPER_FORWARD_SHARED[kernel.head_dim, kernel.head_dim_v, warpgroups]
+        assert (kernel.staged_out, kernel.shared_mem) == (staged, shared), kernel
+        assert shared + 96 <= 227 * 1024 and kernel.ctas_per_sm * (shared + 96 + 1024) <= 228 * 1024
+        for packed in (False, True):
+            name = dataclasses.replace(kernel, packed=packed).instance(torch.bfloat16)
+            assert name.endswith(f", {str(packed).lower()}, {str(staged).lower()}>")
+            assert name in loader.FAMILIES["flash_fwd_hopper"]
+
+
+def test_hopper_output_map(gen, monkeypatch):
+    """The output's tensor map: boxes of a consumer warpgroup's 64 rows (packed:
+    64 / G queries x G heads); none for an instance without staging, a group
+    that does not divide 64, an `out` that is not packed rows, or one the
+    copy engine cannot walk (each falls back on the kernel's writes from registers)."""
+    boxes = []
+    monkeypatch.setattr(flash.tensor_map, "rows", lambda x, box_rows, box_heads=1: boxes.append((box_rows, box_heads))
+                        or b"map")
+    kernel = flash.WGMMA[128, 128]
+    out = torch.empty(10, 8, 128, dtype=torch.bfloat16)
+    packed = dataclasses.replace(kernel, packed=True)
+    assert [flash.out_map(kernel, out, 1), flash.out_map(packed, out, 4), flash.out_map(packed, out, 16)] == [b"map"] * 3
+    assert boxes == [(64, 1), (16, 4), (4, 16)]
+    assert flash.out_map(flash.WGMMA_SHORT[128, 128], out, 1) is None
+    assert flash.out_map(flash.WGMMA[256, 256], torch.empty(10, 8, 256, dtype=torch.bfloat16), 1) is None
+    assert flash.out_map(dataclasses.replace(packed, block_m=128), torch.empty(3, 128, 128), 128) is None
+    assert flash.out_map(kernel, torch.empty(8, 10, 128, dtype=torch.bfloat16).transpose(0, 1), 1) is None
+    assert len(boxes) == 3
+
+    def refuse(x, box_rows, box_heads=1):
+        raise flash.tensor_map.TensorMapError("strides")
+    monkeypatch.setattr(flash.tensor_map, "rows", refuse)
+    assert flash.out_map(kernel, out, 1) is None
+
+
 def test_dropout_struct(gen):
     """kernels_cu/efficient_common.cuh's Dropout: seed, offset, threshold, 1 / (1 - p); threshold 0 without dropout."""
     inputs = reference.packed_inputs(gen, [3], [3], 2, 2, 8)

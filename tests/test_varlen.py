@@ -324,6 +324,94 @@ def test_flash_packed_gqa(gen, monkeypatch, request, head_dim, mask, packed):
           lengths=(lengths_q, reference.lengths(gen, 9, 500)), **mask)
 
 
+def hopper_or_skip():
+    from varattn.cuda import loader
+    if loader.arch_of(torch.device("cuda")) != "sm_90a":
+        pytest.skip("the staged output is the Hopper forward's")
+
+
+def recorded_out_maps(monkeypatch):
+    """[(kernel, whether it got an output map)] of each Hopper forward call from here on."""
+    from varattn.backends import flash
+    calls, made = [], flash.out_map
+
+    def recording(kernel, out, group):
+        found = made(kernel, out, group)
+        calls.append((kernel, found is not None))
+        return found
+    monkeypatch.setattr(flash, "out_map", recording)
+    return calls
+
+
+# Around multiples of 64 (a consumer warpgroup's rows), 0 and 1; keys otherwise.
+STAGED_LENGTHS_Q = [0, 1, 63, 64, 65, 127, 128, 129, 191, 300]
+STAGED_LENGTHS_K = [7, 0, 64, 130, 1, 127, 260, 64, 191, 300]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, head_dim_v", [(32, 32), (64, 64), (96, 96), (128, 128), (192, 192), (192, 128),
+                                                  (256, 256)])
+@pytest.mark.parametrize("mask", FLASH_MASKS, ids=str)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-head"])
+def test_flash_staged_output(gen, monkeypatch, request, head_dim, head_dim_v, mask, packed):
+    """The Hopper forward's output through a staging tile and the copy engine
+    (a consumer warpgroup whose 64 rows all belong to the sequence) beside
+    the rows written from registers (a warpgroup that crosses the sequence's
+    end), every instance with staging (256 has none and must say so), packed
+    GQA and one head per tile, lengths around multiples of 64 with 0 and 1,
+    Lq != Lk, one SM's CTAs looping over every tile so that a staging tile is
+    reused. NaN-poisoned outputs catch a row left unwritten; with seqused the
+    rows past each sequence's used rows must stay zero, which a whole box
+    stored past a sequence's end would break."""
+    from varattn.backends import flash
+    hopper_or_skip()
+    if not packed:
+        monkeypatch.setattr(flash, "packs_gqa", lambda kernel, group: False)
+    monkeypatch.setattr(flash.loader, "multiprocessors", lambda index: 1)
+    flash._forward_kernels.cache_clear()
+    request.addfinalizer(flash._forward_kernels.cache_clear)
+    calls = recorded_out_maps(monkeypatch)
+    heads = [(8, 2), (16, 1), (8, 8), (16, 4), (6, 2)][FLASH_MASKS.index(mask) % 5]
+    lengths = (STAGED_LENGTHS_Q, STAGED_LENGTHS_K)
+    check(gen, torch.bfloat16, "cuda", backend="flash", head_dim=head_dim, head_dim_v=head_dim_v, heads=heads,
+          lengths=lengths, **mask)
+    check(gen, torch.float16, "cuda", backend="flash", head_dim=head_dim, head_dim_v=head_dim_v, heads=heads,
+          lengths=lengths, seqused=True, **mask)
+    assert calls and all(stored == kernel.staged_out for kernel, stored in calls)
+    assert all(kernel.staged_out == (head_dim != 256) for kernel, _ in calls)
+    if packed and heads[0] // heads[1] in (2, 4, 8, 16):
+        assert all(kernel.packed for kernel, _ in calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "4-bytes-off"])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True, causal_align="lower_right")], ids=str)
+def test_flash_staged_output_into_the_callers_buffer(gen, monkeypatch, aligned, mask):
+    """A caller-provided `out` (NaN-poisoned): 16-byte aligned, stored through
+    the copy engine; 4 bytes past that, which no tensor map can describe
+    (cuTensorMapEncodeTiled wants 16), written from registers instead."""
+    from varattn.backends import flash
+    from varattn.params import build_params
+    hopper_or_skip()
+    calls = recorded_out_maps(monkeypatch)
+    heads, head_dim = (8, 2), 128
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, STAGED_LENGTHS_Q, STAGED_LENGTHS_K, *heads, head_dim,
+                                                  dtype=torch.bfloat16, device="cuda")
+    size = q.shape[0] * heads[0] * head_dim
+    offset = 0 if aligned else 2  # elements
+    buffer = torch.empty(size + 8, dtype=q.dtype, device="cuda")
+    out = buffer[offset:offset + size].view(q.shape[0], heads[0], head_dim)
+    assert (out.data_ptr() % 16 == 0) == aligned
+    params = build_params(q, k, v, cu_q, cu_k, max(STAGED_LENGTHS_Q), max(STAGED_LENGTHS_K), return_lse=True, out=out,
+                          **mask)
+    got, lse = flash.forward(params)
+    assert got.data_ptr() == out.data_ptr()
+    assert [stored for _, stored in calls] == [aligned]
+    expected, expected_lse = reference.attention(q, k, v, cu_q, cu_k, **mask)
+    assert reference.relative_error(out, expected) <= TOLERANCE[torch.bfloat16]
+    assert reference.lse_error(lse, expected_lse) <= LSE_TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flash_seqused_and_long_sequences(gen, head_dim):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +35,8 @@ CAPABILITIES = capabilities.Capabilities(
 )
 log = logging.getLogger("varattn")
 STORAGE_TYPES = {torch.float16: "half_t", torch.bfloat16: "bf16_t"}
+_INT32 = struct.Struct("<i")
+_NO_MAP = bytes(tensor_map.SIZE)  # the output map's argument where there is none (out_by_tma 0)
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,13 @@ class Kernel:
     shared_mem: int          # dynamic shared memory, bytes
     ctas_per_sm: int = 0     # persistent: a grid of this many CTAs per SM loops over the tiles; 0: a CTA per tile
     packed: bool = False     # Hopper: packed GQA, a tile's rows span the query heads of one key/value head
+    staged_out: bool = False  # Hopper: the output goes through shared memory and the copy engine where it can
 
     def instance(self, dtype) -> str:
         if self.family == "flash_fwd":
             return f"flash_fwd<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.block_m}, {self.block_n}>"
         return (f"flash_fwd_hopper<{STORAGE_TYPES[dtype]}, {self.head_dim}, {self.head_dim_v}, {self.block_n}, "
-                f"{self.block_m // 64}, {str(self.packed).lower()}>")
+                f"{self.block_m // 64}, {str(self.packed).lower()}, {str(self.staged_out).lower()}>")
 
     @property
     def plan(self) -> str:
@@ -66,15 +70,26 @@ def _mma_sync(head_dim, block_m, block_n):
     return Kernel("flash_fwd", head_dim, head_dim, block_m, block_n, 128, (block_m + 2 * block_n) * (head_dim + 8) * 2)
 
 
+# Shared memory of an sm_90 SM and the most one CTA may have; what the driver
+# keeps of it per CTA; the Hopper forward's static shared memory (its 12 mbarriers).
+SM90_SHARED, SM90_SHARED_PER_CTA, SM90_RESERVED_PER_CTA, HOPPER_STATIC_SHARED = 228 * 1024, 227 * 1024, 1024, 96
+
+
 def _wgmma(head_dim, block_n, warpgroups=2, head_dim_v=None):
     # Q + 2 K + 3 V tiles of whole 64-column swizzle atoms, plus 1 KB to align
     # them; consumer warpgroups and one producer warpgroup, 2 / warpgroups
-    # CTAs per SM (kernels_cu/flash_fwd_hopper.cu)
+    # CTAs per SM; and a 64-row staging tile of the output per consumer
+    # warpgroup where that still fits those CTAs on an SM
+    # (kernels_cu/flash_fwd_hopper.cu: HopperShared::BYTES)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     block_m, width, width_v = 64 * warpgroups, -(-head_dim // 64) * 64, -(-head_dim_v // 64) * 64
+    ctas_per_sm = 2 // warpgroups
     shared_mem = ((block_m + 2 * block_n) * width + 3 * block_n * width_v) * 2 + 1024
-    return Kernel("flash_fwd_hopper", head_dim, head_dim_v, block_m, block_n, 128 * (warpgroups + 1), shared_mem,
-                  ctas_per_sm=2 // warpgroups)
+    staged = shared_mem + warpgroups * 64 * width_v * 2
+    staged_out = (staged + HOPPER_STATIC_SHARED <= SM90_SHARED_PER_CTA
+                  and ctas_per_sm * (staged + HOPPER_STATIC_SHARED + SM90_RESERVED_PER_CTA) <= SM90_SHARED)
+    return Kernel("flash_fwd_hopper", head_dim, head_dim_v, block_m, block_n, 128 * (warpgroups + 1),
+                  staged if staged_out else shared_mem, ctas_per_sm=ctas_per_sm, staged_out=staged_out)
 
 
 # The largest tiles that keep S and O in registers without spilling; the
@@ -103,6 +118,23 @@ def kernel_for(head_dim: int, head_dim_v: int, arch: str, max_seqlen_q: int | No
         if (head_dim, head_dim_v) in WGMMA:
             return WGMMA[head_dim, head_dim_v]
     return MMA_SYNC[head_dim]
+
+
+def out_map(kernel: Kernel, out: torch.Tensor, group: int) -> bytes | None:
+    """The tensor map through which `kernel` (a Hopper instance with staged
+    output) stores `out`: boxes of one consumer warpgroup's 64 rows (packed:
+    64 / group queries x `group` heads). None where it cannot: a group that
+    does not divide 64, an `out` that is not packed rows (the strides
+    write_rows assumes, structs.attn_params) or that the copy engine cannot
+    walk; the kernel then writes every row from registers."""
+    rows, heads = (64 // group, group) if kernel.packed else (64, 1)
+    if not kernel.staged_out or rows * heads != 64 or not out.is_contiguous():
+        return None
+    try:
+        return tensor_map.rows(out, rows, heads)
+    except tensor_map.TensorMapError as error:
+        log.info("varattn: %s; the output is written from registers", error)
+        return None
 
 
 def packs_gqa(kernel: Kernel, group: int) -> bool:
@@ -183,6 +215,9 @@ def forward(params):
                 raise
             log.info("varattn: %s; using the mma.sync kernel", error)
             chosen, plan_kernel, fwd_kernel = _forward_kernels(q.dtype, head_dim, head_dim_v, index, short, group, False)
+    if maps:
+        stored = out_map(chosen, out, group)
+        maps += (stored or _NO_MAP, _INT32.pack(stored is not None))
     packed = structs.attn_params(params, out, lse)
     stream = loader.current_stream(fwd_kernel)
     plan, plan_args = tiled.launch_plan(plan_kernel, packed, params, stream)

@@ -2,10 +2,11 @@
 
 A tensor map describes a packed (rows, heads, head_dim) tensor to the copy
 engine: its address, sizes and strides, and the box one copy brings into
-shared memory (64 columns = 128 bytes, `box_heads` heads, `box_rows` rows:
-box_heads x box_rows rows of 128 bytes, row-major), 128-byte
-swizzled as the wgmma operands want it. The driver encodes it on the host
-(cuTensorMapEncodeTiled); the kernel takes its 128 bytes by value.
+shared memory or stores from it (64 columns = 128 bytes, `box_heads`
+heads, `box_rows` rows: box_heads x box_rows rows of 128 bytes,
+row-major), 128-byte swizzled as the wgmma operands want it. The driver
+encodes it on the host (cuTensorMapEncodeTiled); the kernel takes its 128
+bytes by value.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def _encode_tiled():
 
 def rows(x: torch.Tensor, box_rows: int, box_heads: int = 1) -> bytes:
     """The tensor map of packed `x` (rows, heads, head_dim), copied in boxes of
-    64 columns x `box_heads` heads x `box_rows` rows; rows past the end read
-    as zeros."""
+    64 columns x `box_heads` heads x `box_rows` rows; rows and columns past
+    the end read as zeros and are not written. Raises TensorMapError where
+    the driver refuses (e.g. an address that is not 16-byte aligned)."""
     return _encoded(x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, box_rows, box_heads)
 
 
