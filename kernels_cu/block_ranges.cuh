@@ -104,16 +104,18 @@ struct KeyTile {
 };
 
 // flash_plan<BLOCK_N, KEY_ROWS> laid the sequences' key tiles out in order; a CTA
-// past the last tile has none.
+// past the last tile has none. last_first: a sequence's key tiles run from its
+// last to its first in the grid (the deterministic Hopper backward, where the
+// later key tiles take the earlier turns).
 template <int BLOCK_N>
 __device__ __forceinline__ bool locate_key_tile(const AttnParams& p, const int* order, const int* tile_offsets,
-                                                KeyTile& t) {
+                                                KeyTile& t, bool last_first = false) {
     t.h_kv = blockIdx.x % p.heads_kv;
     const int tile = blockIdx.x / p.heads_kv;
     if (tile >= tile_offsets[p.batch]) return false;
     const int pos = plan_position(p, tile_offsets, tile);
     t.b = order[pos];
-    t.n0 = (tile - tile_offsets[pos]) * BLOCK_N;
+    t.n0 = (last_first ? tile_offsets[pos + 1] - 1 - tile : tile - tile_offsets[pos]) * BLOCK_N;
     t.queries = query_span(p, t.b);
     t.keys = key_span(p, t.b);
     t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
@@ -134,6 +136,29 @@ __device__ __forceinline__ QueryTiles query_tiles(const AttnParams& p, int n0, i
     if (p.window_left >= 0) row_end = min(row_end, n0 + BLOCK_N - 1 - diagonal + p.window_left + 1);
     const int first = (int)(row_begin / BLOCK_M);
     return {first, row_end > row_begin ? (int)((row_end + BLOCK_M - 1) / BLOCK_M) : first};
+}
+
+// The key tiles [first, last] of t's sequence whose query_tiles hold query
+// tile m (one that exists: m BLOCK_M < len_q; first > last when none does):
+// an interval, since both ends of query_tiles grow with the key tile. Each
+// bound is query_tiles' inequality solved for the key tile: its rows'
+// beginning below min((m + 1) BLOCK_M, len_q) (its first query tile is at
+// most m, and not past the queries), its rows' end above m BLOCK_M.
+struct KeyTiles {
+    int first, last;
+};
+
+__device__ __forceinline__ long long floor_div(long long a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ KeyTiles key_tiles_seeing(const AttnParams& p, const KeyTile& t, int m) {
+    long long right, first = 0, last = ceil_div(t.keys.len, BLOCK_N) - 1;
+    if (right_bound(p, right))
+        last = min(last, floor_div(min((long long)(m + 1) * BLOCK_M, (long long)t.queries.len) + t.diagonal + right - 1,
+                                   BLOCK_N));
+    if (p.window_left >= 0)
+        first = max(first, floor_div((long long)m * BLOCK_M + t.diagonal - p.window_left - BLOCK_N, BLOCK_N) + 1);
+    return {(int)first, (int)last};
 }
 
 // Does the pair (keys [n0, n0 + BLOCK_N), queries [m0, m0 + BLOCK_M)) need

@@ -30,8 +30,8 @@
 // The grid and its order come from flash_plan over key tiles (longest
 // sequences first), as in the forward.
 //
-// On Hopper at head_dim 128 (default mode) flash_bwd_hopper.cu replaces the
-// main pass; the preprocess serves both.
+// On Hopper (head dims 32 to 128, both modes) flash_bwd_hopper.cu replaces
+// the main pass; the preprocess serves both.
 //
 // Tiles: 4 warps, BLOCK_M = BLOCK_N = 64. Per thread dK and dV take
 // HEAD_DIM / 2 fp32 registers each, S^T and dP^T 32 each, so head dims up to
@@ -86,12 +86,6 @@
 #define BWD_THREADS 128
 #define BWD_BLOCK 64
 static_assert(BWD_BLOCK == 64, "query_tile_slot counts tiles of 64 query rows");
-
-__device__ __forceinline__ int load_acquire(const int* at) {
-    int value;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(at) : "memory");
-    return value;
-}
 
 template <typename T, int HEAD_DIM, bool DETERMINISTIC>
 __global__ void __launch_bounds__(BWD_THREADS, 1)

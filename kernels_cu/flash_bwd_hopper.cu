@@ -1,8 +1,9 @@
 // flash_bwd_hopper.cu — the flash backward's main pass on Hopper (sm_90a):
 // the algorithm of flash_bwd.cu with warpgroup matrix instructions (wgmma)
-// and the copy engine (TMA), head dims 32, 64, 96 and 128. flash_bwd.cu's
+// and the copy engine (TMA), head dims 32, 64, 96 and 128, by default or
+// deterministic (the same bits on every run; below). flash_bwd.cu's
 // preprocess (delta) runs first and flash_bwd_hopper_dq (at the end of this
-// file) last; the deterministic mode uses flash_bwd.cu.
+// file) last.
 //
 // Per CTA = (key tile of BLOCK_N = 128 keys, key/value head, sequence): two
 // consumer warpgroups of 64 keys each, and one producer warpgroup.
@@ -25,6 +26,37 @@
 //     add it to the float32 accumulator (one cp.reduce.async.bulk of 16 KB).
 //   dK and dV stay in registers for the whole CTA (summed over the group's
 //   query heads: no atomics for GQA), scaled and written once at the end.
+//
+// Deterministic mode (DETERMINISTIC). By default a query tile's dQ takes the
+// key tiles' additions in whatever order they come. Here a counter per
+// (query head, query-tile slot) (BwdParams::dq_turns, zeroed) counts the key
+// tiles that have added, and a key tile adds when the count is its place in
+// a fixed order. The consumers hand their staged blocks (barriers dq_full /
+// dq_free) to a third producer warp, one thread of which, per step, waits
+// for the turn (acquire), has the copy engine add both blocks, frees the
+// staging once it is read, waits until the additions are complete (not just
+// read) and passes the turn on (release, gpu scope); the consumers go on
+// meanwhile, a step ahead at most.
+//   The order: the key tiles of the sequence that reach the query tile, last
+// to first where the mask bounds keys from the right (causal, right
+// windows), each key tile walking its query tiles first to last; otherwise
+// first to last, each walking them last to first (the mirror image). Then a
+// key tile's first query tile is one that no key tile before it in the order
+// reaches (under causal, the diagonal one), and the key tile before it
+// reached each of its later query tiles a step earlier: at equal step times
+// nobody waits. Where several key tiles reach all the same query tiles (no
+// mask, or tiles clamped at the queries' start or end) no order avoids a
+// wavefront: of k such tiles started together, the last adds k - 1 steps late.
+//   No deadlock: the grid launches a sequence's key tiles in that order too
+// (locate_key_tile's last_first), so a CTA waits only for CTAs of lower
+// index. CTAs start in index order (as flash_bwd.cu's deterministic instance
+// also assumes), so the lowest unfinished CTA is running and every turn it
+// waits for comes: it finishes, and so on.
+//   Masks: a key tile whose steps skip a query tile is not in that tile's
+// order (key_tiles_seeing is query_tiles solved for the key tile: the two
+// agree on who adds), and a block wholly past the queries' end is added by
+// no key tile and takes no turn. At BLOCK_M 128 a step's two slots take one
+// turn, the first slot's: the same key tiles add to both.
 // Copies bring whole tiles: rows past the sequence's end hold other data,
 // which could be Inf or NaN. Those rows of K, Q and dO are zeroed in shared
 // memory before use (V's only meet masked probabilities). Where a pair of
@@ -65,20 +97,29 @@
 //     (192 or 256 fp32 per thread) do not fit one warpgroup's registers
 //     beside S^T and dP^T; they would need dK and dV split over the
 //     warpgroups by columns, a different kernel.
-// One CTA per SM. Masked elements take a select, not a branch: the branches
-// and their convergence barriers cost a quarter of the loop's instructions.
-// "registers" below is the launch's cap; after setmaxnreg the consumers have
-// 240.
+// One CTA per SM; instance = <type, head_dim, deterministic>. Masked
+// elements take a select, not a branch: the branches and their convergence
+// barriers cost a quarter of the loop's instructions. "registers" below is
+// the launch's cap; after setmaxnreg the consumers have 240, the producers
+// (the deterministic mode's dQ thread among them) 24.
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
-//   instance                       arch    registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_bwd_hopper<bf16_t, 32>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
-//   flash_bwd_hopper<bf16_t, 64>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
-//   flash_bwd_hopper<bf16_t, 96>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
-//   flash_bwd_hopper<bf16_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
-//   flash_bwd_hopper<half_t, 32>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
-//   flash_bwd_hopper<half_t, 64>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
-//   flash_bwd_hopper<half_t, 96>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
-//   flash_bwd_hopper<half_t, 128>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   instance                              arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   flash_bwd_hopper<bf16_t, 32, false>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 32, true>    sm_90a        168               0 / 0 B    0 B  80 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 64, false>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 64, true>    sm_90a        168               0 / 0 B    0 B  80 B + 195.0 KB
+//   flash_bwd_hopper<bf16_t, 96, false>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<bf16_t, 96, true>    sm_90a        168               0 / 0 B    0 B  80 B + 194.0 KB
+//   flash_bwd_hopper<bf16_t, 128, false>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<bf16_t, 128, true>   sm_90a        168               0 / 0 B    0 B  80 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 32, false>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 32, true>    sm_90a        168               0 / 0 B    0 B  80 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 64, false>   sm_90a        168               0 / 0 B    0 B  48 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 64, true>    sm_90a        168               0 / 0 B    0 B  80 B + 195.0 KB
+//   flash_bwd_hopper<half_t, 96, false>   sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 96, true>    sm_90a        168               0 / 0 B    0 B  80 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 128, false>  sm_90a        168               0 / 0 B    0 B  48 B + 194.0 KB
+//   flash_bwd_hopper<half_t, 128, true>   sm_90a        168               0 / 0 B    0 B  80 B + 194.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "epilogues.cuh"
@@ -123,10 +164,17 @@ struct BwdHopperShared {
     __device__ unsigned stage_full(int i) const { return barriers + 8 * (1 + i % STAGES); }
     __device__ unsigned stage_free(int i) const { return barriers + 8 * (1 + STAGES + i % STAGES); }
     static constexpr int BARRIERS = 1 + 2 * STAGES;
+    // The deterministic mode's, per warpgroup wg: its block of dQ is staged
+    // (step i completes phase i of "dq_full"), the writer has read it ("dq_free").
+    __device__ unsigned dq_full(int wg) const { return barriers + 8 * (BARRIERS + wg); }
+    __device__ unsigned dq_free(int wg) const { return barriers + 8 * (BARRIERS + 2 + wg); }
+    static constexpr int DQ_BARRIERS = 4;
 
-    __device__ void init() const {
+    __device__ void init(bool deterministic) const {
         mbarrier_init(kv_full(), 1);
         for (int i = 0; i < STAGES; ++i) mbarrier_init(stage_full(i), 1 + 32), mbarrier_init(stage_free(i), CONSUMERS);
+        if (deterministic)
+            for (int wg = 0; wg < 2; ++wg) mbarrier_init(dq_full(wg), 128), mbarrier_init(dq_free(wg), 1);
         mbarrier_init_fence();
     }
 };
@@ -149,16 +197,24 @@ struct DqAccum {
 };
 
 // The steps of a CTA: every query tile that sees its keys, for every query
-// head of its group, head by head. A Step walks them in order (a division
-// per step would cost more instructions than the step's masks).
+// head of its group, head by head; a head's tiles first to last, or last to
+// first (`backward`: the deterministic mode where the first key tile adds
+// first). A Step walks them in order (a division per step would cost more
+// instructions than the step's masks).
 struct BwdSteps {
     int first_tile, per_head, count;
+    bool backward;
 };
 struct Step {
     int h, tile;  // query head, query tile
-    __device__ Step(const KeyTile& t, int group, const BwdSteps& steps) : h(t.h_kv * group), tile(steps.first_tile) {}
+    __device__ Step(const KeyTile& t, int group, const BwdSteps& steps)
+        : h(t.h_kv * group), tile(steps.backward ? steps.first_tile + steps.per_head - 1 : steps.first_tile) {}
     __device__ void next(const BwdSteps& steps) {
-        if (++tile == steps.first_tile + steps.per_head) tile = steps.first_tile, ++h;
+        if (steps.backward) {
+            if (tile-- == steps.first_tile) tile = steps.first_tile + steps.per_head - 1, ++h;
+        } else if (++tile == steps.first_tile + steps.per_head) {
+            tile = steps.first_tile, ++h;
+        }
     }
 };
 
@@ -209,7 +265,46 @@ __device__ __forceinline__ void produce_rows(const AttnParams& p, const BwdParam
     }
 }
 
-template <typename T, int HEAD_DIM>
+// The deterministic mode's dQ additions, from one producer thread. Per step:
+// wait for this key tile's turn at the step's query tile (its place among the
+// key tiles whose steps reach that tile, in the order the grid launches
+// them), have the copy engine add both warpgroups' staged blocks, release the
+// staging once it has been read, and pass the turn on once the additions are
+// complete (visible to this thread, then published by a release at gpu
+// scope). One turn per step and head: at BLOCK_M 128 the step's two 64-row
+// slots take the turn of the first, as the same key tiles add to both.
+template <int HEAD_DIM>
+__device__ __forceinline__ void add_dq_in_turn(const AttnParams& p, const BwdParams& g, const KeyTile& t,
+                                               const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm,
+                                               bool last_first) {
+    using S = BwdHopperShared<HEAD_DIM>;
+    const int group = p.heads / p.heads_kv, n = t.n0 / S::BLOCK_N;
+    Step step(t, group, steps);
+    for (int i = 0; i < steps.count; ++i, step.next(steps)) {
+        const int m0 = step.tile * S::BLOCK_M;
+        const KeyTiles adding = key_tiles_seeing<S::BLOCK_M, S::BLOCK_N>(p, t, step.tile);
+        const int mine = last_first ? adding.last - n : n - adding.first;
+        const long long slot = query_tile_slot(t.queries, t.b, m0 / 64);
+        int* turn = g.dq_turns + step.h * g.tiles_per_head + slot;
+        wait_for_turn(turn, mine);
+        fence_proxy_async_global();  // the earlier key tiles' additions come before this one's
+        for (int wg = 0; wg < 2; ++wg) {
+            mbarrier_wait(sm.dq_full(wg), i & 1);
+            if (S::dq_row0(wg) == 0 || m0 + S::dq_row0(wg) < t.queries.len)  // not a block wholly past the end
+                bulk_reduce_add_f32(g.dq_accum + DqAccum<S::ATOMS>::block(g, step.h, slot + S::dq_row0(wg) / 64,
+                                                                          S::dq_atom(wg)),
+                                    sm.dq(wg), S::DQ_BYTES);
+        }
+        bulk_wait_read<0>();
+        mbarrier_arrive(sm.dq_free(0));
+        mbarrier_arrive(sm.dq_free(1));
+        bulk_wait<0>();
+        fence_proxy_async_global();
+        store_release(turn, mine + 1);
+    }
+}
+
+template <typename T, int HEAD_DIM, bool DETERMINISTIC>
 __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g, const KeyTile& t,
                                         const BwdSteps& steps, const BwdHopperShared<HEAD_DIM>& sm) {
     using S = BwdHopperShared<HEAD_DIM>;
@@ -345,7 +440,7 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
                              + (lane % 4) * 4) = dst[kk][x];
             }
         fence_proxy_async();
-        if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the last step's dQ add has read the staging
+        if (!DETERMINISTIC && threadIdx.x % 128 == 0) bulk_wait_read<0>();  // the last dQ add has read the staging
         named_barrier_sync(2, S::CONSUMERS);  // both halves of dS^T are in place
 
         // This warpgroup's 64 x 64 block of dQ (queries dq_row0 + [0, 64),
@@ -372,9 +467,11 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
 
         // This warpgroup's block of dQ, staged in DqAccum's block layout, then
         // added by the copy engine in one bulk reduction (the staging is free
-        // again: its issuing thread waited for the last one before barrier 2).
-        // A block wholly past the queries' end (ATOMS 1) holds zeros and is not added.
+        // again: its issuing thread waited for the last one before barrier 2;
+        // deterministic: the writer has read it). A block wholly past the
+        // queries' end (ATOMS 1) holds zeros and is not added.
         float* staged = (float*)__cvta_shared_to_generic(sm.dq(wg));
+        if (DETERMINISTIC && i > 0) mbarrier_wait(sm.dq_free(wg), (i - 1) & 1);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -382,18 +479,22 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
                 *(float2*)(staged + DqAccum<S::ATOMS>::offset(16 * (warp % 4) + lane / 4 + 8 * r, 8 * j + 2 * (lane % 4))) =
                     make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
         fence_proxy_async();
-        named_barrier_sync(3 + wg, 128);
-        const int dq_m0 = m0 + S::dq_row0(wg);
-        if (threadIdx.x % 128 == 0 && (S::dq_row0(wg) == 0 || dq_m0 < t.queries.len))
-            bulk_reduce_add_f32(g.dq_accum + DqAccum<S::ATOMS>::block(g, h, query_tile_slot(t.queries, t.b, dq_m0 / 64),
-                                                                      S::dq_atom(wg)),
-                                sm.dq(wg), S::DQ_BYTES);
+        if constexpr (DETERMINISTIC) {
+            mbarrier_arrive(sm.dq_full(wg));  // the writer adds it in turn
+        } else {
+            named_barrier_sync(3 + wg, 128);
+            const int dq_m0 = m0 + S::dq_row0(wg);
+            const long long slot = query_tile_slot(t.queries, t.b, dq_m0 / 64);
+            if (threadIdx.x % 128 == 0 && (S::dq_row0(wg) == 0 || dq_m0 < t.queries.len))
+                bulk_reduce_add_f32(g.dq_accum + DqAccum<S::ATOMS>::block(g, h, slot, S::dq_atom(wg)), sm.dq(wg),
+                                    S::DQ_BYTES);
+        }
         wgmma_wait<0>();  // dK is done: Q and dO are free
         fence_registers(dst);
         fence_registers(dk);
         mbarrier_arrive(sm.stage_free(i));  // from every thread: each releases its own reads of lse and delta
     }
-    if (threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
+    if (!DETERMINISTIC && threadIdx.x % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the copy's reads
 
     // dK * scale and dV for this thread's keys (head_dim's columns), once.
     store_dk_dv<T, D_BLOCKS>(p, g, t.keys, t.h_kv, t.n0 + key_row, HEAD_DIM, 0, dk, dv, scale);
@@ -405,24 +506,29 @@ __device__ __forceinline__ void consume(const AttnParams& p, const BwdParams& g,
 // 24 x 128 + 240 x 256.
 constexpr int BWD_PRODUCER_REGISTERS = 24, BWD_CONSUMER_REGISTERS = 240;
 
-template <typename T, int HEAD_DIM>
+template <typename T, int HEAD_DIM, bool DETERMINISTIC>
 __global__ void __launch_bounds__(384, 1)
 flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, const BwdParams g,
                  const __grid_constant__ TensorMap tma_q, const __grid_constant__ TensorMap tma_k,
                  const __grid_constant__ TensorMap tma_v, const __grid_constant__ TensorMap tma_do) {
     using S = BwdHopperShared<HEAD_DIM>;
     extern __shared__ unsigned char shared_raw[];
-    __shared__ __align__(8) unsigned long long barriers[S::BARRIERS];
+    __shared__ __align__(8) unsigned long long barriers[S::BARRIERS + (DETERMINISTIC ? S::DQ_BARRIERS : 0)];
     S sm;
     sm.base = smem_address(shared_raw) + (1024 - smem_address(shared_raw) % 1024) % 1024;  // swizzle atoms: 1024-aligned
     sm.barriers = smem_address(barriers);
 
+    // Deterministic: the order of the key tiles adding to a query tile is the
+    // order the grid launches a sequence's key tiles in, last to first where
+    // the mask bounds keys from the right, else first to last (the header says why).
+    long long right;
+    const bool last_first = DETERMINISTIC && right_bound(p, right);
     KeyTile t;
-    if (!locate_key_tile<S::BLOCK_N>(p, order, tile_offsets, t)) return;
+    if (!locate_key_tile<S::BLOCK_N>(p, order, tile_offsets, t, last_first)) return;
     const QueryTiles m_tiles = query_tiles<S::BLOCK_M, S::BLOCK_N>(p, t.n0, t.queries.len, t.diagonal);
     const int per_head = m_tiles.end - m_tiles.first;
-    const BwdSteps steps{m_tiles.first, per_head, per_head * (p.heads / p.heads_kv)};
-    if (threadIdx.x == 0) sm.init();
+    const BwdSteps steps{m_tiles.first, per_head, per_head * (p.heads / p.heads_kv), DETERMINISTIC && !last_first};
+    if (threadIdx.x == 0) sm.init(DETERMINISTIC);
     __syncthreads();
     if (threadIdx.x >= S::CONSUMERS) {
         set_max_registers_dec<BWD_PRODUCER_REGISTERS>();
@@ -430,9 +536,11 @@ flash_bwd_hopper(const AttnParams p, const int* order, const int* tile_offsets, 
         if (producer_warp == 0 && threadIdx.x % 32 == 0 && steps.count > 0)
             produce_tiles(p, t, steps, sm, tma_q, tma_k, tma_v, tma_do);
         if (producer_warp == 1) produce_rows(p, g, t, steps, sm);
+        if (DETERMINISTIC && producer_warp == 2 && threadIdx.x % 32 == 0)
+            add_dq_in_turn(p, g, t, steps, sm, last_first);
     } else {
         set_max_registers_inc<BWD_CONSUMER_REGISTERS>();
-        consume<T>(p, g, t, steps, sm);
+        consume<T, HEAD_DIM, DETERMINISTIC>(p, g, t, steps, sm);
     }
 }
 

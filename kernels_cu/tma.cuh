@@ -94,5 +94,13 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* global, unsigned shar
 // bulk_wait, still writing global memory.
 template <int PENDING>
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(PENDING) : "memory"); }
+// Once bulk_wait<0>() returns, the issuing thread's reductions are
+// complete: their writes are visible to it (then a release publishes them).
 template <int PENDING>
-__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(PENDING) : "memory"); }
+__device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+
+// Global memory between the generic proxy (loads, stores, atomics) and the
+// async proxy (the copy engine's bulk reductions), both ways.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }

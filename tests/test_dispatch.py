@@ -292,19 +292,22 @@ def test_kernel_instances_and_their_launch():
         assert instance.name in loader.FAMILIES[instance.name.split("<")[0]]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("head_dim, block_m", [(32, 128), (64, 128), (96, 64), (128, 64)])
-def test_hopper_backward_instances(gen, fake_device, monkeypatch, head_dim, block_m):
-    """On Hopper every backward head dim runs kernels_cu/flash_bwd_hopper.cu:
-    Q and dO copied in boxes of block_m rows (128 / swizzle atoms), K and V of
-    128, within the device's shared memory."""
+def test_hopper_backward_instances(gen, fake_device, monkeypatch, head_dim, block_m, deterministic):
+    """On Hopper every backward head dim runs kernels_cu/flash_bwd_hopper.cu,
+    the deterministic mode too (its own instance): Q and dO copied in boxes of
+    block_m rows (128 / swizzle atoms), K and V of 128, within the device's
+    shared memory."""
     boxes = []
     monkeypatch.setattr(flash.tensor_map, "rows", lambda x, box_rows, box_heads=1: boxes.append(box_rows) or b"")
     q, k, v, _, _ = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, head_dim, dtype=torch.bfloat16)
     params = dataclasses.make_dataclass("Params", ["dtype", "head_dim", "deterministic", "device", "q", "k", "v"])(
-        torch.bfloat16, head_dim, False, torch.device("cuda", 0), q, k, v)
+        torch.bfloat16, head_dim, deterministic, torch.device("cuda", 0), q, k, v)
     main = flash._backward_kernel(params, q)
-    assert (main.family, main.name, main.dq_name) == ("flash_bwd_hopper", f"flash_bwd_hopper<bf16_t, {head_dim}>",
-                                                      f"flash_bwd_hopper_dq<bf16_t, {head_dim}>")
+    mode = str(deterministic).lower()
+    assert (main.family, main.name, main.dq_name) == (
+        "flash_bwd_hopper", f"flash_bwd_hopper<bf16_t, {head_dim}, {mode}>", f"flash_bwd_hopper_dq<bf16_t, {head_dim}>")
     assert boxes == [block_m, 128, 128, block_m] and flash.hopper_backward_block_m(head_dim) == block_m
     assert main.shared_mem <= 227 * 1024
     for name in (main.name, main.dq_name):

@@ -34,12 +34,14 @@ def poison_past(x, cu_seqlens, used):
 
 def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch=6, longest=19, bias=False,
                 seqused=False, poison=False, with_lse=True, deterministic=False, lengths=None, bool_mask=False,
-                **options):
+                repeats=1, **options):
     """Gradients of q, k, v (and an additive bias) through varlen_attention,
     out and lse both in the loss, against the reference's autograd. With
     `poison`, the rows past seqused of q, k, v and the output gradient are NaN.
     lengths: (lengths_q, lengths_k), default drawn (0, 1 and `longest` among them).
-    bool_mask: a random bool attn_bias (B, 1, Lq, Lk), True = take part, for both."""
+    bool_mask: a random bool attn_bias (B, 1, Lq, Lk), True = take part, for both.
+    repeats: forward and backward that many times, every run's gradients the
+    same bits as the first's (for deterministic=True)."""
     heads_q, heads_kv = heads
     if lengths is not None:
         lengths_q, lengths_k = lengths
@@ -64,12 +66,20 @@ def check_grads(gen, dtype, device, backend, *, heads=(4, 2), head_dim=16, batch
     mask = None
     if bool_mask:
         mask = (torch.rand(len(lengths_q), 1, max(lengths_q), max(lengths_k), generator=gen) > 0.3).to(device)
-    with varattn.use_backends(backend):
-        out, lse = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, max(lengths_q), max(lengths_k),
-                                            attn_bias=leaves[3] if bias else mask, return_lse=True,
-                                            deterministic=deterministic, **used, **options)
-    loss = (out.double() * grad_out.double()).sum() + (finite(lse).double().cpu() * grad_lse).sum() * with_lse
-    loss.backward()
+    first = None
+    for _ in range(repeats):
+        for x in leaves:
+            x.grad = None
+        with varattn.use_backends(backend):
+            out, lse = varattn.varlen_attention(*leaves[:3], cu_q, cu_k, max(lengths_q), max(lengths_k),
+                                                attn_bias=leaves[3] if bias else mask, return_lse=True,
+                                                deterministic=deterministic, **used, **options)
+        loss = (out.double() * grad_out.double()).sum() + (finite(lse).double().cpu() * grad_lse).sum() * with_lse
+        loss.backward()
+        if first is None:
+            first = [x.grad for x in leaves]
+        for name, got, want in zip(("dq", "dk", "dv", "dbias"), leaves, first):
+            assert torch.equal(got.grad, want), f"{name} differs from the first run's"
 
     expected_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
     expected, expected_lse = reference.attention(*expected_leaves[:3], cu_q, cu_k,
@@ -171,18 +181,85 @@ def test_flash_hopper_backward(gen, monkeypatch, head_dim, mask, heads):
     backward it falls back on) at each of its head dims: drawn lengths (0, 1,
     Lq != Lk, several query tiles of 64 or 128 rows), then lengths around the
     tile edges, Lk 0 against Lq > 0 among them."""
-    from varattn.cuda import loader
-    if loader.arch_of(torch.device("cuda")) != "sm_90a":
-        pytest.skip("the Hopper backward runs on sm_90a")
-    chosen, choose = [], flash._backward_kernel
-    monkeypatch.setattr(flash, "_backward_kernel", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    chosen = hopper_backward_calls(monkeypatch)
     case = HOPPER_CASES.index((mask, heads))
     dtype = (torch.bfloat16, torch.float16)[case % 2]
     check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, batch=7, longest=300,
                 with_lse=case % 3 != 0, **mask)
     check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, with_lse=case % 3 == 0,
                 lengths=([1, 0, 64, 65, 127, 128, 129, 300], [1, 5, 64, 200, 0, 128, 127, 3]), **mask)
-    assert len(chosen) == 2 and all(kernel.family == "flash_bwd_hopper" for kernel in chosen)
+    assert len(chosen) == 2 and ran_hopper(chosen, deterministic=False)
+
+
+def hopper_backward_calls(monkeypatch) -> list:
+    """The flash backward's choice of main kernel at every call from now on (skips off sm_90a)."""
+    from varattn.cuda import loader
+    if loader.arch_of(torch.device("cuda")) != "sm_90a":
+        pytest.skip("the Hopper backward runs on sm_90a")
+    chosen, choose = [], flash._backward_kernel
+    monkeypatch.setattr(flash, "_backward_kernel", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    return chosen
+
+
+def ran_hopper(chosen, deterministic: bool) -> bool:
+    return bool(chosen) and all(kernel.family == "flash_bwd_hopper"
+                                and kernel.name.endswith(f", {str(deterministic).lower()}>") for kernel in chosen)
+
+
+# The deterministic Hopper backward orders a query tile's dQ additions last key
+# tile first where the mask bounds keys from the right, else first key tile
+# first: every mask, and a left window alone (the second order with a window).
+HOPPER_DETERMINISTIC_MASKS = FLASH_MASKS + [dict(window=(37, -1)),
+                                            dict(window=(150, -1), causal_align="lower_right")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", flash.HOPPER_BACKWARD_HEAD_DIMS)
+@pytest.mark.parametrize("mask", HOPPER_DETERMINISTIC_MASKS, ids=str)
+def test_flash_hopper_deterministic(gen, monkeypatch, head_dim, mask):
+    """flash_bwd_hopper.cu's deterministic instance at each head dim: three
+    runs, the same bits, against the float64 reference; drawn lengths (0, 1,
+    Lq != Lk, several query tiles), then lengths around the tile edges (Lk 0
+    against Lq > 0 among them); GQA, MQA and one head per key/value head."""
+    chosen = hopper_backward_calls(monkeypatch)
+    case = HOPPER_DETERMINISTIC_MASKS.index(mask)
+    heads, dtype = HOPPER_HEADS[case % 4], (torch.bfloat16, torch.float16)[case % 2]
+    check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, batch=7, longest=300,
+                with_lse=case % 3 != 0, deterministic=True, repeats=3, **mask)
+    check_grads(gen, dtype, "cuda", "flash", heads=heads, head_dim=head_dim, with_lse=case % 3 == 0,
+                lengths=([1, 0, 64, 65, 127, 128, 129, 300], [1, 5, 64, 200, 0, 128, 127, 3]),
+                deterministic=True, repeats=3, **mask)
+    assert len(chosen) == 6 and ran_hopper(chosen, deterministic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window=(700, -1)), dict(window=(500, 0)),
+                                  dict(causal=True, causal_align="lower_right")], ids=str)
+def test_flash_hopper_deterministic_many_key_tiles(gen, monkeypatch, head_dim, mask):
+    """Far more CTAs than SMs, waiting on one another's turns (a key tile
+    waits only for key tiles the grid launched before it): the runs end, give
+    the same bits, and agree with the default mode (too long for the float64
+    reference on the CPU)."""
+    chosen = hopper_backward_calls(monkeypatch)
+    lengths_q, lengths_k = [6000, 1, 2500, 0, 333], [5800, 7, 2600, 64, 333]
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, lengths_q, lengths_k, 16, 8, head_dim, dtype=torch.bfloat16,
+                                                  device="cuda")
+    grad_out = reference.randn(gen, *q.shape, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for deterministic in (False, True, True, True):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with varattn.use_backends("flash"):
+            out = varattn.varlen_attention(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k),
+                                           deterministic=deterministic, **mask)
+        out.backward(grad_out)
+        runs.append([x.grad for x in leaves])
+    assert ran_hopper(chosen[:1], deterministic=False) and ran_hopper(chosen[1:], deterministic=True)
+    default, first, *others = runs
+    for other in others:
+        assert all(torch.equal(a, b) for a, b in zip(first, other))
+    for name, got, want in zip(("dq", "dk", "dv"), first, default):
+        assert reference.relative_error(got.double(), want.double()) <= 1e-2, name
 
 
 @pytest.mark.gpu

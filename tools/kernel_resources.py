@@ -44,8 +44,9 @@ def _backward_shared_mem() -> dict[str, int]:
 
 
 def _hopper_backward_shared_mem() -> dict[str, int]:
-    return {f"flash_bwd_hopper<{dtype}, {head_dim}>": flash.hopper_backward_shared_mem(head_dim)
-            for head_dim in flash.HOPPER_BACKWARD_HEAD_DIMS for dtype in flash.STORAGE_TYPES.values()}
+    return {f"flash_bwd_hopper<{dtype}, {head_dim}, {mode}>": flash.hopper_backward_shared_mem(head_dim)
+            for head_dim in flash.HOPPER_BACKWARD_HEAD_DIMS for dtype in flash.STORAGE_TYPES.values()
+            for mode in ("false", "true")}
 
 
 # family -> (the architectures it runs on, the instances the table lists

@@ -2,9 +2,9 @@
 
 Forward: kernels_cu/flash_fwd_hopper.cu (wgmma, a persistent grid) on
 Hopper; kernels_cu/flash_fwd.cu (mma.sync) on sm80+ elsewhere.
-Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper;
-kernels_cu/flash_bwd.cu (mma.sync) elsewhere and for the deterministic
-mode; head dims 32 to 128.
+Backward: kernels_cu/flash_bwd_hopper.cu (wgmma) on Hopper, the
+deterministic mode included; kernels_cu/flash_bwd.cu (mma.sync)
+elsewhere; head dims 32 to 128.
 
 The fast path: causal in both alignments, sliding windows, GQA/MQA, Lq != Lk,
 LSE, head dims 32 to 256 (and head_dim_v != head_dim for the forward on
@@ -231,8 +231,8 @@ def forward(params):
 
 
 # The backward: kernels_cu/flash_bwd.cu (mma.sync, 64 x 64 tiles, head dims up
-# to 128, and the deterministic mode), and on Hopper kernels_cu/flash_bwd_hopper.cu
-# (wgmma, 128-key tiles, head dims up to 128).
+# to 128), and on Hopper kernels_cu/flash_bwd_hopper.cu (wgmma, 128-key tiles,
+# head dims up to 128); each has a deterministic instance.
 BACKWARD_HEAD_DIMS = (32, 64, 96, 128)
 BACKWARD_BLOCK, BACKWARD_THREADS = 64, 128
 HOPPER_BACKWARD_HEAD_DIMS, HOPPER_BACKWARD_BLOCK_N = (32, 64, 96, 128), 128
@@ -241,8 +241,9 @@ loader.register_family("flash_bwd", [f"flash_bwd<{t}, {d}, {str(deterministic).l
                                      for d in BACKWARD_HEAD_DIMS for deterministic in (False, True)]
                        + [f"flash_bwd_delta<{t}>" for t in STORAGE_TYPES.values()]
                        + [f"flash_plan<{BACKWARD_BLOCK}, KEY_ROWS>"])
-loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}>" for t in STORAGE_TYPES.values()
-                                            for d in HOPPER_BACKWARD_HEAD_DIMS]
+loader.register_family("flash_bwd_hopper", [f"flash_bwd_hopper<{t}, {d}, {str(deterministic).lower()}>"
+                                            for t in STORAGE_TYPES.values() for d in HOPPER_BACKWARD_HEAD_DIMS
+                                            for deterministic in (False, True)]
                        + [f"flash_bwd_hopper_dq<{t}, {d}>" for t in STORAGE_TYPES.values()
                           for d in HOPPER_BACKWARD_HEAD_DIMS]
                        + [f"flash_plan<{HOPPER_BACKWARD_BLOCK_N}, KEY_ROWS>"])
@@ -292,19 +293,19 @@ class _BackwardKernel:
 
 
 def _backward_kernel(params, grad_out) -> _BackwardKernel:
-    dtype, head_dim = STORAGE_TYPES[params.dtype], params.head_dim
-    if (not params.deterministic and head_dim in HOPPER_BACKWARD_HEAD_DIMS
-            and loader.arch_of(params.device) == "sm_90a"):
+    dtype, head_dim, deterministic = STORAGE_TYPES[params.dtype], params.head_dim, str(params.deterministic).lower()
+    if head_dim in HOPPER_BACKWARD_HEAD_DIMS and loader.arch_of(params.device) == "sm_90a":
         try:
             block_m = hopper_backward_block_m(head_dim)
             maps = (tensor_map.rows(params.q, block_m), tensor_map.rows(params.k, HOPPER_BACKWARD_BLOCK_N),
                     tensor_map.rows(params.v, HOPPER_BACKWARD_BLOCK_N), tensor_map.rows(grad_out, block_m))
-            return _BackwardKernel("flash_bwd_hopper", f"flash_bwd_hopper<{dtype}, {head_dim}>", HOPPER_BACKWARD_BLOCK_N,
-                                   HOPPER_BACKWARD_THREADS, hopper_backward_shared_mem(head_dim), maps,
+            return _BackwardKernel("flash_bwd_hopper", f"flash_bwd_hopper<{dtype}, {head_dim}, {deterministic}>",
+                                   HOPPER_BACKWARD_BLOCK_N, HOPPER_BACKWARD_THREADS,
+                                   hopper_backward_shared_mem(head_dim), maps,
                                    f"flash_bwd_hopper_dq<{dtype}, {head_dim}>")
         except tensor_map.TensorMapError as error:  # strides the copy engine cannot walk
             log.info("varattn: %s; using the mma.sync backward", error)
-    return _BackwardKernel("flash_bwd", f"flash_bwd<{dtype}, {head_dim}, {str(params.deterministic).lower()}>",
+    return _BackwardKernel("flash_bwd", f"flash_bwd<{dtype}, {head_dim}, {deterministic}>",
                            BACKWARD_BLOCK, BACKWARD_THREADS, backward_shared_mem(head_dim))
 
 
