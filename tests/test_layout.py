@@ -1,6 +1,6 @@
 """The package's data flows one way: integrations (other libraries' hooks) and the
 command-line tools -> front ends -> run -> dispatch -> backends -> cuda, over the core modules that describe a call (params, checks,
-dropout) and the bounded cache they share (recent). No module imports one of a layer above it."""
+dropout, paged: the paged KV cache's host side) and the bounded cache they share (recent). No module imports one of a layer above it."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +11,7 @@ import varattn
 PACKAGE = Path(varattn.__file__).parent
 # Higher imports lower; a layer's own modules import each other.
 LAYERS = {"cli": 6, "integrations": 6, "frontends": 5, "run": 4, "dispatch": 3, "backends": 2, "cuda": 1, "core": 0}
-CORE = ("params", "checks", "dropout", "recent")
+CORE = ("params", "checks", "dropout", "recent", "paged")
 
 
 def layer_of(module: str) -> str:

@@ -46,16 +46,22 @@ def tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
 
 
-def packed_qkv(q, k, v) -> None:
+def packed_qkv(q, k, v, paged: bool = False) -> None:
+    """q (total_q, H, D), k (total_k, H_kv, D), v (total_k, H_kv, D_v); with
+    `paged`, k and v are page pools (num_pages, page_size, H_kv, D or D_v)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         tensor(x, name)
         if x.is_nested:
             raise TypeError(f"{name} is a NestedTensor: use varattn.attention for nested inputs")
-        if x.dim() != 3:
+        if paged and name != "q":
+            if x.dim() != 4:
+                raise ValueError(f"{name} must be a page pool (num_pages, page_size, heads_kv, head_dim) with "
+                                 f"block_table, got shape {tuple(x.shape)}")
+        elif x.dim() != 3:
             raise ValueError(f"{name} must be packed as (total, heads, head_dim), got shape {tuple(x.shape)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-        if x.stride(2) != 1 and x.shape[2] > 0:
+        if x.stride(-1) != 1 and x.shape[-1] > 0:
             raise ValueError(f"{name} must have unit stride on its last (head_dim) dimension, got strides {x.stride()}")
     device = q.device
     if k.device != device or v.device != device:
@@ -63,17 +69,45 @@ def packed_qkv(q, k, v) -> None:
         same_device(q, "q", v, "v")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    (_, heads, head_dim), (total_k, heads_kv, head_dim_k), (total_v, heads_v, head_dim_v) = q.shape, k.shape, v.shape
+    (_, heads, head_dim), (heads_kv, head_dim_k), (heads_v, head_dim_v) = q.shape, k.shape[-2:], v.shape[-2:]
     if head_dim != head_dim_k:
         raise ValueError(f"q and k must have the same head_dim, got {head_dim} and {head_dim_k}")
     if head_dim == 0 or head_dim_v == 0:
         raise ValueError(f"head_dim must be positive, got q {head_dim} and v {head_dim_v}")
-    if total_k != total_v or heads_kv != heads_v:
+    if paged:
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k and v must have the same (num_pages, page_size, heads_kv), got "
+                             f"{tuple(k.shape[:3])} and {tuple(v.shape[:3])}")
+        page_size(k.shape[1], "k")
+    elif k.shape[0] != v.shape[0] or heads_kv != heads_v:
         raise ValueError(f"k and v must have the same (total_k, heads_kv), got {tuple(k.shape[:2])} and {tuple(v.shape[:2])}")
     if heads_kv == 0 or heads % heads_kv != 0:
         raise ValueError(
             f"the number of query heads must be a multiple of the key/value heads (GQA/MQA), "
-            f"got {q.shape[1]} query heads and {k.shape[1]} key/value heads")
+            f"got {q.shape[1]} query heads and {heads_kv} key/value heads")
+
+
+PAGE_SIZES = (16, 32, 64, 128, 256)
+
+
+def page_size(size: int, name: str) -> None:
+    """A paged KV cache's page size (dimension 1 of its pools): a power of two from 16 to 256."""
+    if size not in PAGE_SIZES:
+        raise ValueError(f"{name} has page_size {size} (dimension 1 of the page pool); expected a power of two "
+                         f"from 16 to 256: {', '.join(map(str, PAGE_SIZES))}")
+
+
+def block_table(x, batch: int, device, name: str = "block_table") -> None:
+    """(batch, max_pages) int32 on `device`; its contents are never read here
+    (an entry outside [0, num_pages) is a page that is skipped: varattn/paged.py)."""
+    tensor(x, name)
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch_size, max_pages), got shape {tuple(x.shape)}")
+    if x.shape[0] != batch:
+        raise ValueError(f"{name} must have one row per sequence ({batch}), got shape {tuple(x.shape)}")
+    on_device(x, name, device)
 
 
 def same_device(a, a_name: str, b, b_name: str) -> None:
@@ -234,3 +268,13 @@ def lengths_content(cu, used, total: int, max_seqlen: int, which: str) -> None:
     if lengths.numel() and lengths.max() > max_seqlen:
         raise ValueError(
             f"max_seqlen_{which} is {max_seqlen} but a {which} sequence has {lengths.max().item()} rows")
+
+
+def paged_lengths_content(used, capacity: int, max_seqlen: int, name: str = "seqused_k") -> None:
+    """The rules on a paged call's key lengths: each in [0, max_pages * page_size], none above max_seqlen_k."""
+    used = used.cpu().long()
+    if ((used < 0) | (used > capacity)).any():
+        raise ValueError(f"{name} must lie in [0, {capacity}] (block_table's max_pages * page_size) for each "
+                         f"sequence, got {used.tolist()}")
+    if used.numel() and used.max() > max_seqlen:
+        raise ValueError(f"max_seqlen_k is {max_seqlen} but a k sequence has {used.max().item()} rows")

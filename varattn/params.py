@@ -49,10 +49,10 @@ def needs_grad(*tensors) -> bool:
 @dataclass(slots=True)
 class AttentionParams:
     q: torch.Tensor                        # (total_q, H, D)
-    k: torch.Tensor                        # (total_k, H_kv, D)
-    v: torch.Tensor                        # (total_k, H_kv, D_v)
+    k: torch.Tensor                        # (total_k, H_kv, D); paged: the page pool (num_pages, page_size, H_kv, D)
+    v: torch.Tensor                        # (total_k, H_kv, D_v); paged: (num_pages, page_size, H_kv, D_v)
     cu_seqlens_q: torch.Tensor             # (B + 1,) int32: where each sequence starts
-    cu_seqlens_k: torch.Tensor
+    cu_seqlens_k: torch.Tensor | None      # None only in a paged call (seqused_k gives the key lengths)
     seqused_q: torch.Tensor | None         # (B,) int32: rows used from each start, or None
     seqused_k: torch.Tensor | None
     max_seqlen_q: int
@@ -72,6 +72,8 @@ class AttentionParams:
                                            # (frontends/ragged.py): where backends keep what they derive (tile plans)
     structure: Checked | None = None       # see build_params: the same for calls that pass the same checks and
                                            # dispatch alike, given their tensors' addresses
+    block_table: torch.Tensor | None = None  # (B, max_pages) int32: sequence b's key j is row j % page_size of
+                                           # page block_table[b, j // page_size] of k and v (varattn/paged.py)
 
     @property
     def batch_size(self) -> int:
@@ -83,7 +85,7 @@ class AttentionParams:
 
     @property
     def num_heads_kv(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[-2]
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +93,7 @@ class AttentionParams:
 
     @property
     def head_dim_v(self) -> int:
-        return self.v.shape[2]
+        return self.v.shape[-1]
 
     @property
     def total_q(self) -> int:
@@ -99,7 +101,17 @@ class AttentionParams:
 
     @property
     def total_k(self) -> int:
-        return self.k.shape[0]
+        """Rows of k: the pool's num_pages * page_size in a paged call."""
+        return self.k.shape[0] * self.k.shape[1] if self.block_table is not None else self.k.shape[0]
+
+    @property
+    def paged(self) -> bool:
+        """k and v are page pools read through block_table (a paged KV cache)."""
+        return self.block_table is not None
+
+    @property
+    def page_size(self) -> int | None:
+        return self.k.shape[1] if self.block_table is not None else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,12 +143,13 @@ class AttentionParams:
         return AttentionParams(
             q, k, v, self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_q, self.seqused_k, self.max_seqlen_q,
             self.max_seqlen_k, self.causal, self.causal_align, self.window, self.scale, attn_bias, self.dropout_p,
-            self.return_lse, out, self.requires_grad, self.deterministic, self.dropout_state, self.memo, self.structure)
+            self.return_lse, out, self.requires_grad, self.deterministic, self.dropout_state, self.memo, self.structure,
+            self.block_table)
 
     def new_out(self) -> torch.Tensor:
         """Output buffer (`out` when given); zeroed where some rows (padding, holes) belong to no sequence."""
         q = self.q
-        shape = (q.shape[0], q.shape[1], self.v.shape[2])
+        shape = (q.shape[0], q.shape[1], self.v.shape[-1])
         if self.out is not None:
             return self.out.zero_() if self.seqused_q is not None else self.out
         return q.new_zeros(shape) if self.seqused_q is not None else q.new_empty(shape)
@@ -153,7 +166,7 @@ def build_params(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
     causal=False, causal_align="upper_left", window=(-1, -1), scale=None,
     attn_bias=None, dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
-    requires_grad=None, out=None, memo=None, structure=None, bias_name="attn_bias",
+    requires_grad=None, out=None, memo=None, structure=None, bias_name="attn_bias", block_table=None,
 ) -> AttentionParams:
     """Validate packed inputs (host-side) and describe the call.
 
@@ -172,9 +185,19 @@ def build_params(
     one already checked skips the checks that depend on nothing else, and
     its params carry that key's `Checked` (where dispatch and the backends
     keep their choices, varattn/dispatch.py); None: checked in full.
+
+    block_table: (B, max_pages) int32 on q's device for a paged KV cache: k
+    and v are then page pools (num_pages, page_size, H_kv, D or D_v), page_size
+    a power of two from 16 to 256, seqused_k (B,) is required and gives the key
+    lengths, cu_seqlens_k may be None (else it is checked as a (B + 1,) int32
+    tensor and unused), max_seqlen_k left out is max_pages * page_size (no
+    sync). Paged calls take no structure key, no attn_bias and no gradient
+    yet. The table's contents are never read here (varattn/paged.py says what
+    an entry outside the pool does).
     """
     options = (causal, causal_align, window, scale, dropout_p, return_lse, deterministic)
-    if structure is not None and attn_bias is None:
+    paged = block_table is not None
+    if structure is not None and attn_bias is None and not paged:
         params = checked_params(structure, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
                                 max_seqlen_k, options, requires_grad, memo, out)
         if params is not None:
@@ -183,19 +206,25 @@ def build_params(
             structure = None
     else:
         structure = None
-    checks.packed_qkv(q, k, v)
+    checks.packed_qkv(q, k, v, paged)
     batch = checks.cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
-    batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
-    if batch != batch_k:
-        raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences: "
-            f"got {batch} and {batch_k}")
+    if paged:
+        checks.block_table(block_table, batch, q.device)
+        if seqused_k is None:
+            raise ValueError("seqused_k is required with block_table (a paged KV cache): (B,) int32, the number of "
+                             "keys each sequence holds in its pages; got None")
+    if cu_seqlens_k is not None or not paged:
+        batch_k = checks.cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+        if batch != batch_k:
+            raise ValueError(
+                f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences: "
+                f"got {batch} and {batch_k}")
     checks.seqused(seqused_q, "seqused_q", batch, q.device)
     checks.seqused(seqused_k, "seqused_k", batch, q.device)
     if max_seqlen_q is None:
         max_seqlen_q = checks.longest(cu_seqlens_q, seqused_q)
     if max_seqlen_k is None:
-        max_seqlen_k = checks.longest(cu_seqlens_k, seqused_k)
+        max_seqlen_k = block_table.shape[1] * k.shape[1] if paged else checks.longest(cu_seqlens_k, seqused_k)
     checks.non_negative_int(max_seqlen_q, "max_seqlen_q")
     checks.non_negative_int(max_seqlen_k, "max_seqlen_k")
     checks.flag(causal, "causal")
@@ -207,9 +236,17 @@ def build_params(
     dropout_p = checks.dropout(dropout_p)
     checks.flag(deterministic, "deterministic")
     if attn_bias is not None:
+        if paged:
+            raise NotImplementedError(f"varattn: {bias_name} with a paged KV cache (block_table) is not supported "
+                                      f"yet; pass contiguous k and v with cu_seqlens_k for a biased call")
         attn_bias = checks.attn_bias(attn_bias, q, batch, max_seqlen_q, max_seqlen_k, bias_name)
     if requires_grad is None:
         requires_grad = needs_grad(q, k, v, attn_bias)
+    if paged and requires_grad:
+        raise NotImplementedError(
+            "varattn: gradients through a paged KV cache (block_table) are not implemented yet; run the call under "
+            "torch.no_grad() (or with inputs that do not require grad), or pass contiguous k and v with "
+            "cu_seqlens_k for a differentiable call")
     checked = None if structure is None else Checked((causal, causal_align, window, scale, None, dropout_p, return_lse))
     params = AttentionParams(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -219,7 +256,7 @@ def build_params(
         attn_bias=attn_bias, dropout_p=dropout_p, return_lse=return_lse,
         requires_grad=requires_grad,
         deterministic=deterministic or torch.are_deterministic_algorithms_enabled(), out=out, memo=memo,
-        structure=checked,
+        structure=checked, block_table=block_table,
     )
     # Under torch.compile the tensors are traced, not read: their contents are checked when the op runs eagerly.
     if (q.device.type == "cpu" or checks.device_checks_enabled()) and not torch.compiler.is_compiling():
@@ -288,7 +325,10 @@ _NUMBERS = (float, int)
 
 def _check_lengths(p: AttentionParams) -> None:
     checks.lengths_content(p.cu_seqlens_q, p.seqused_q, p.q.shape[0], p.max_seqlen_q, "q")
-    checks.lengths_content(p.cu_seqlens_k, p.seqused_k, p.k.shape[0], p.max_seqlen_k, "k")
+    if p.block_table is not None:  # cu_seqlens_k, if given, is unused; the table's entries may be anything
+        checks.paged_lengths_content(p.seqused_k, p.block_table.shape[1] * p.page_size, p.max_seqlen_k)
+    else:
+        checks.lengths_content(p.cu_seqlens_k, p.seqused_k, p.k.shape[0], p.max_seqlen_k, "k")
 
 
 # structure -> its Checked, whose options are in AttentionParams' order from

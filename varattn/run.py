@@ -135,9 +135,11 @@ class _Attention(torch.autograd.Function):
 # What describes a call besides the tensors the backward gets back as saved
 # tensors. The scalars travel in two lists: torch's autograd wrapper walks the
 # schema's arguments at every call in time quadratic in their number.
-_CALL = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_q, "
-         "Tensor? seqused_k, Tensor? attn_bias, SymInt[] options, float[] scale_and_dropout, str[] backends")
-_TENSORS = 8  # the leading Tensor arguments of _CALL
+_CALL = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
+         "Tensor? seqused_k, Tensor? attn_bias, Tensor? block_table, SymInt[] options, float[] scale_and_dropout, "
+         "str[] backends")
+_TENSORS = 9  # the leading Tensor arguments of _CALL
+_BIAS = 7     # where attn_bias is among them
 # options: max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic
 
 _library = torch.library.Library("varattn", "DEF")
@@ -153,10 +155,12 @@ def call_args(params: AttentionParams) -> tuple:
     options = [params.max_seqlen_q, params.max_seqlen_k, int(params.causal), int(params.causal_align == "lower_right"),
                *params.window, int(params.requires_grad), int(params.deterministic)]
     return (params.q, params.k, params.v, params.cu_seqlens_q, params.cu_seqlens_k, params.seqused_q,
-            params.seqused_k, params.attn_bias, options, [params.scale, params.dropout_p], dispatch.allowed_names())
+            params.seqused_k, params.attn_bias, params.block_table, options, [params.scale, params.dropout_p],
+            dispatch.allowed_names())
 
 
-def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias, options, scale_and_dropout, backends):
+def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias, block_table, options,
+            scale_and_dropout, backends):
     """(AttentionParams, allowed backends) of _CALL arguments, checked when the front end built them."""
     max_seqlen_q, max_seqlen_k, causal, lower_right, window_left, window_right, needs_grad, deterministic = options
     scale, dropout_p = scale_and_dropout
@@ -165,7 +169,7 @@ def _params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, attn_bias
         seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=bool(causal),
         causal_align="lower_right" if lower_right else "upper_left", window=(window_left, window_right),
         scale=scale, attn_bias=attn_bias, dropout_p=dropout_p, return_lse=True, requires_grad=bool(needs_grad),
-        deterministic=bool(deterministic))
+        deterministic=bool(deterministic), block_table=block_table)
     return params, frozenset(Backend(b) for b in backends)
 
 
@@ -185,7 +189,7 @@ def _attention(*call):
 @torch.library.register_fake("varattn::attention")
 def _attention_fake(q, k, v, *rest):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype),
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype),
             torch.empty(2, dtype=torch.int64))
 
 
@@ -202,7 +206,7 @@ def _attention_backward(grad_out, grad_lse, out, lse, dropout_state, bias_grad, 
 
 @torch.library.register_fake("varattn::attention_backward")
 def _attention_backward_fake(grad_out, grad_lse, out, lse, dropout_state, bias_grad, q, k, v, cu_q, cu_k, used_q, used_k,
-                             bias, *rest):
+                             bias, block_table, *rest):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
@@ -210,7 +214,7 @@ def _attention_backward_fake(grad_out, grad_lse, out, lse, dropout_state, bias_g
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:_TENSORS], *output)
     ctx.options = inputs[_TENSORS:]
-    ctx.bias_grad = _bias_grad(inputs[_TENSORS - 1])
+    ctx.bias_grad = _bias_grad(inputs[_BIAS])
     ctx.set_materialize_grads(False)  # grad_lse stays None unless lse is used
 
 
@@ -220,7 +224,7 @@ def _backward(ctx, grad_out, grad_lse, grad_state):
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dbias = torch.ops.varattn.attention_backward(grad_out, grad_lse, out, lse, dropout_state, ctx.bias_grad,
                                                               *tensors, *ctx.options)
-    return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_grad else None) + (None,) * len(ctx.options)
+    return (dq, dk, dv, None, None, None, None, dbias if ctx.bias_grad else None, None) + (None,) * len(ctx.options)
 
 
 torch.library.register_autograd("varattn::attention", _backward, setup_context=_setup_context)

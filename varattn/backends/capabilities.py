@@ -20,6 +20,7 @@ class Capabilities:
     window: bool = False
     head_dim_v_differs: bool = False           # D_v != D
     backward: bool = False
+    paged_kv: bool = False                     # k, v as page pools read through a block_table
 
 
 def reasons(caps: Capabilities, params) -> list[str]:
@@ -47,6 +48,8 @@ def reasons(caps: Capabilities, params) -> list[str]:
         found.append("dropout_p > 0 not supported")
     if params.has_window and not caps.window:
         found.append("sliding window not supported")
+    if params.block_table is not None and not caps.paged_kv:
+        found.append("paged KV cache: not yet in this backend")
     if params.requires_grad and not caps.backward:
         found.append("inputs require grad but this backend has no backward yet")
     return found

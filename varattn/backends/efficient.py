@@ -132,6 +132,8 @@ loader.register_family("efficient_bwd", [f"flash_bwd_delta<{t}>" for t in STORAG
 
 def reasons(params) -> list[str]:
     found = capabilities.reasons(CAPABILITIES, params)
+    if params.block_table is not None:  # (said above; the rest reads k and v as packed rows)
+        return found
     if params.head_dim % 8:  # (a head_dim_v unlike head_dim is declined above)
         found.append(f"head_dim {params.head_dim} is not a multiple of 8 (the kernels move rows in blocks of 8 columns)")
     if params.requires_grad and params.deterministic:

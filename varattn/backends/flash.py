@@ -153,6 +153,8 @@ for _family, _kernels in (("flash_fwd", MMA_SYNC.values()), ("flash_fwd_hopper",
 
 def reasons(params) -> list[str]:
     found = capabilities.reasons(CAPABILITIES, params)
+    if params.block_table is not None:  # (said above; the rest reads k and v as packed rows)
+        return found
     differing = params.head_dim_v != params.head_dim
     if params.requires_grad:
         if params.head_dim not in BACKWARD_HEAD_DIMS:

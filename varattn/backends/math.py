@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .. import checks
+from .. import checks, paged
 from ..cuda import loader
 from . import capabilities, math_cpu, math_cuda
 
@@ -24,6 +24,7 @@ CAPABILITIES = capabilities.Capabilities(
     window=True,
     head_dim_v_differs=True,
     backward=True,
+    paged_kv=True,  # forward only: the pages are gathered into a contiguous call (varattn/paged.py)
 )
 
 # Scores of one chunk of query rows: rows * heads * max_seqlen_k accumulators.
@@ -58,7 +59,10 @@ def rows_per_chunk(params, matrices: int = 1) -> int:
 
 
 def forward(params):
-    """(out, lse) of the call; its dropout stream must be drawn (run.py does)."""
+    """(out, lse) of the call; its dropout stream must be drawn (run.py does). A paged call runs as
+    the contiguous one paged.gathered makes of it."""
+    if params.block_table is not None:
+        params = paged.gathered(params)
     return (math_cpu if params.device.type == "cpu" else math_cuda).forward(params, rows_per_chunk(params))
 
 

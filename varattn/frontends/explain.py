@@ -13,7 +13,7 @@ from .packed import varlen_attention
 
 # Keywords only one of the calls takes (attention's own are told apart by elimination).
 _VARLEN_ONLY = frozenset(("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "attn_bias",
-                          "seqused_q", "seqused_k"))
+                          "seqused_q", "seqused_k", "block_table"))
 _SDPA_ONLY = frozenset(("is_causal", "enable_gqa"))
 _ATTENTION_ONLY = frozenset(("layout", "lengths", "kv_lengths", "key_padding_mask", "causal", "causal_align", "window",
                              "return_lse", "deterministic"))
@@ -29,7 +29,7 @@ def explain(*args, **kwargs) -> dispatch.Explanation:
 
     - `varlen_attention`'s when cu_seqlens are given (an integer tensor as
       the fourth positional argument) or one of its own keywords (q, k, v,
-      cu_seqlens_q/k, max_seqlen_q/k, attn_bias, seqused_q/k);
+      cu_seqlens_q/k, max_seqlen_q/k, attn_bias, seqused_q/k, block_table);
     - `scaled_dot_product_attention`'s when given is_causal or enable_gqa,
       a CausalBias attn_mask, an attn_mask (or None) as the fourth
       positional argument, or, with none of attention's own keywords,

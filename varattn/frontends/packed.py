@@ -10,7 +10,8 @@ from . import ragged
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, causal_align="upper_left", window=(-1, -1), scale=None, attn_bias=None,
-                     dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False):
+                     dropout_p=0.0, seqused_q=None, seqused_k=None, return_lse=False, deterministic=False,
+                     block_table=None):
     """Attention over packed sequences, with FlashAttention's varlen conventions.
 
     Args:
@@ -42,6 +43,24 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             a row that sees no key. Differentiable, like out.
         deterministic: the backward gives the same bits on every run (also
             on under torch.use_deterministic_algorithms(True)).
+        block_table: (B, max_pages) int32, for a paged KV cache: k and v are
+            then page pools (num_pages, page_size, H_kv, D) and (num_pages,
+            page_size, H_kv, D_v), page_size a power of two from 16 to 256;
+            sequence b's key j is row j % page_size of page
+            block_table[b, j // page_size]. seqused_k is required and gives
+            each sequence's key count; cu_seqlens_k may be None (given, it
+            is checked as a (B + 1,) int32 tensor and otherwise unused);
+            max_seqlen_k left out is max_pages * page_size (no sync). An
+            entry outside [0, num_pages) is skipped: that page's keys take
+            no part (they still count in seqused_k), and nothing outside the
+            pools is read. Inference only for now: a paged call that needs
+            gradients, or one with attn_bias, raises NotImplementedError; the
+            math backend runs it (CPU and CUDA). FlashAttention's names:
+            flash_attn_varlen_func's block_table and seqused_k are these;
+            flash_attn_with_kvcache's k_cache, v_cache, block_table and
+            cache_seqlens are k, v, block_table and seqused_k (its q
+            (B, S, H, D) is q packed with cu_seqlens_q [0, S, 2S, ...]).
+            varattn.append_paged_kv writes new tokens into the pages.
 
     Gradients flow to q, k, v and to an additive attn_bias that requires
     grad (summed over its broadcast dimensions); rows outside every
@@ -52,7 +71,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         out (total_q, H, D_v), or (out, lse) with return_lse.
     """
     requires_grad, structure, params = None, None, None
-    if attn_bias is None and all(type(x) is torch.Tensor and not x.is_nested for x in (q, k, v)):
+    if attn_bias is None and block_table is None and all(type(x) is torch.Tensor and not x.is_nested for x in (q, k, v)):
         # (a NestedTensor has no shape to key by: build_params says what it expected)
         requires_grad = needs_grad(q, k, v)
         options = (causal, causal_align, window, scale, dropout_p, return_lse, deterministic)
@@ -63,6 +82,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         params = build_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               causal_align=causal_align, window=window, scale=scale, attn_bias=attn_bias,
                               dropout_p=dropout_p, seqused_q=seqused_q, seqused_k=seqused_k, return_lse=return_lse,
-                              deterministic=deterministic, requires_grad=requires_grad, structure=structure)
+                              deterministic=deterministic, requires_grad=requires_grad, structure=structure,
+                              block_table=block_table)
     out, lse = run.attention(params)
     return (out, lse) if return_lse else out

@@ -34,14 +34,24 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     more: float32 and float64 inputs and the CPU (lse float64 for float64),
     D_v != D, gradients with seqused_k (torch refuses them) and through lse
     (torch drops them). A row that sees no key gives zeros, as in torch, and
-    lse -inf, where FlashAttention-2 writes +inf. block_table (a paged KV
-    cache) and num_splits (split-KV) raise NotImplementedError. Errors from
+    lse -inf, where FlashAttention-2 writes +inf.
+
+    block_table (N, max_pages_per_seq) int32, as in torch: key and value are
+    then the page pools (total_pages, page_size, H_kv, D), page_size a power
+    of two from 16 to 256, and seqused_k is required (the keys each sequence
+    holds); cu_seq_k is checked as an (N + 1,) int32 tensor and otherwise
+    unused. Inference only, as in torch (inputs that require grad raise
+    NotImplementedError); varattn runs it on its math backend, on the CPU and
+    CUDA, and skips pages outside [0, total_pages) (their keys take no part;
+    see varattn.varlen_attention). num_splits (split-KV) raises
+    NotImplementedError. Errors from
     the checks shared with varlen_attention name its arguments: cu_seqlens_q
     for cu_seq_q, max_seqlen_q for max_q, window for window_size.
     """
-    if block_table is not None or num_splits is not None:
-        refuse("varattn.varlen_attn", block_table=block_table, num_splits=num_splits)
-    if not enable_gqa and query.shape[1:2] != key.shape[1:2]:
+    if num_splits is not None:
+        refuse("varattn.varlen_attn", num_splits=num_splits)
+    heads_kv = key.shape[-2:-1] if block_table is not None and key.dim() == 4 else key.shape[1:2]
+    if not enable_gqa and query.shape[1:2] != heads_kv:
         raise ValueError(f"query and key must have the same number of heads (dim 1) unless enable_gqa=True "
                          f"(grouped-query attention), got shapes {tuple(query.shape)} and {tuple(key.shape)}")
     try:
@@ -51,7 +61,7 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     causal, window = fa2_mask(left, right, False, max_k)
     return varlen_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=causal,
                             causal_align="lower_right", window=window, scale=scale, seqused_k=seqused_k,
-                            return_lse=return_aux is not None and bool(return_aux.lse))
+                            return_lse=return_aux is not None and bool(return_aux.lse), block_table=block_table)
 
 
 def fa2_mask(left, right, is_causal: bool, max_k) -> tuple[bool, tuple[int, int]]:
