@@ -24,8 +24,9 @@ COMPARATORS = [f"varattn-{b.value}" for b in varattn.Backend] + ["torch-varlen",
 # Forward + backward: the math backend and padded torch SDPA would take seconds per call there.
 TRAINING_COMPARATORS = ["varattn-flash", "torch-varlen", "torch-nested", "flex"]
 # Masked workloads (Workload.mask), forward and forward + backward: varattn as dispatch
-# chooses, against torch SDPA on the padded batch with the same mask.
-MASKED_COMPARATORS = {"key_padding": ["varattn", "torch-padded"], "blocks": ["varattn", "torch-efficient"]}
+# chooses, against torch SDPA on the padded batch with the same mask (and, for W8's
+# blocks, compiled FlexAttention with a block mask of the same blocks).
+MASKED_COMPARATORS = {"key_padding": ["varattn", "torch-padded"], "blocks": ["varattn", "torch-efficient", "flex"]}
 BACKWARD_FLOPS = 2.5  # times the forward's
 
 
@@ -161,7 +162,7 @@ def training_comparator(inputs, name):
     w = inputs.workload
     generator = torch.Generator().manual_seed(1)
     grad_out = torch.randn(inputs.q.shape, generator=generator).to(inputs.q.device, inputs.q.dtype)
-    if w.mask != "document":
+    if w.mask != "document" and name != "flex":
         padded = name != "varattn" or w.mask == "key_padding"
         *tensors, mask = inputs.padded() if padded else (inputs.q, inputs.k, inputs.v, None)
         leaves = _with_grad(tensors)

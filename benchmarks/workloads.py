@@ -197,17 +197,33 @@ class Inputs:
         return q, k, v, mask[:, None]
 
     def flex(self):
-        """(1, H, total, D) tensors and a document block mask for FlexAttention."""
+        """(1, H, total, D) tensors and a block mask for FlexAttention: the
+        documents, and under W8's mask ("blocks") its hidden 64 x 64 blocks too."""
         from torch.nn.attention.flex_attention import create_block_mask
-        docs_q = torch.repeat_interleave(torch.arange(len(self.workload.lengths_q), device=self.device),
-                                         torch.tensor(self.workload.lengths_q, device=self.device))
-        docs_k = torch.repeat_interleave(torch.arange(len(self.workload.lengths_k), device=self.device),
-                                         torch.tensor(self.workload.lengths_k, device=self.device))
-        causal = self.workload.causal
+        w = self.workload
+        docs_q = torch.repeat_interleave(torch.arange(len(w.lengths_q), device=self.device),
+                                         torch.tensor(w.lengths_q, device=self.device))
+        docs_k = torch.repeat_interleave(torch.arange(len(w.lengths_k), device=self.device),
+                                         torch.tensor(w.lengths_k, device=self.device))
+        causal = w.causal
+        if w.mask == "blocks":
+            # per sequence, which 64 x 64 blocks take part (block_masks' own, padded to the longest)
+            starts_q, starts_k = self.cu_q[:-1].long(), self.cu_k[:-1].long()
+            blocks = torch.zeros(len(w.lengths_q), -(-self.max_q // BLOCK), -(-self.max_k // BLOCK), dtype=torch.bool)
+            for b, visible in enumerate(block_masks(w)):
+                kept = visible[::BLOCK, ::BLOCK]
+                blocks[b, :kept.shape[0], :kept.shape[1]] = kept
+            blocks = blocks.to(self.device)
+            last_k = blocks.shape[2] - 1
 
-        def document(b, h, q_index, kv_index):
-            same = docs_q[q_index] == docs_k[kv_index]
-            return same & (kv_index <= q_index) if causal else same
+            def document(b, h, q_index, kv_index):
+                doc = docs_q[q_index]
+                local_k = (kv_index - starts_k[doc]).clamp(0, last_k * BLOCK) // BLOCK
+                return (doc == docs_k[kv_index]) & blocks[doc, (q_index - starts_q[doc]) // BLOCK, local_k]
+        else:
+            def document(b, h, q_index, kv_index):
+                same = docs_q[q_index] == docs_k[kv_index]
+                return same & (kv_index <= q_index) if causal else same
         block_mask = create_block_mask(document, None, None, self.q.shape[0], self.k.shape[0], device=self.device)
         as_flex = [x.transpose(0, 1)[None] for x in (self.q, self.k, self.v)]
         return (*as_flex, block_mask)
