@@ -27,6 +27,9 @@ TRAINING_COMPARATORS = ["varattn-flash", "torch-varlen", "torch-nested", "flex"]
 # chooses, against torch SDPA on the padded batch with the same mask (and, for W8's
 # blocks, compiled FlexAttention with a block mask of the same blocks).
 MASKED_COMPARATORS = {"key_padding": ["varattn", "torch-padded"], "blocks": ["varattn", "torch-efficient", "flex"]}
+# Decode workloads with a paged cache beside the contiguous one: varattn and
+# torch's varlen_attn reading the same keys from pages of 16 and 128 rows.
+PAGED_COMPARATORS = [f"{impl}-paged-{size}" for impl in ("varattn", "torch-varlen") for size in (16, 128)]
 BACKWARD_FLOPS = 2.5  # times the forward's
 
 
@@ -83,25 +86,35 @@ def _masked_varattn(inputs, leaves=None):
     return lambda: varattn.varlen_attention(*args, attn_bias=mask)
 
 
+def _gqa(q, k) -> dict:
+    """torch SDPA's and FlexAttention's keyword for fewer key/value heads than query heads, where there are."""
+    return dict(enable_gqa=True) if q.shape[-3] != k.shape[-3] else {}
+
+
 def _torch_padded(q, k, v, mask, backend=None):
     """torch SDPA on a padded batch and its mask (one SDPA backend, or torch's choice)."""
+    gqa = _gqa(q, k)
     if backend is None:
-        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     from torch.nn.attention import sdpa_kernel
 
     def run():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     return run
 
 
-def _torch_varlen(inputs, leaves=None):
+def _torch_varlen(inputs, leaves=None, paged=None):
     """torch's varlen_attn (FlashAttention-2 inside torch) on the packed rows, the
-    anchor every torch user has. `leaves`: q, k, v to call it on, default the inputs'."""
+    anchor every torch user has. `leaves`: q, k, v to call it on, default the
+    inputs'; `paged`: (block_table, seqused_k) of leaves' k and v as page pools."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    parameters = inspect.signature(varlen_attn).parameters
+    if paged is not None and "block_table" not in parameters:
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn takes no block_table")
     w = inputs.workload
     if inputs.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
         pytest.skip("varlen_attn runs on CUDA in fp16 and bf16 only")
@@ -111,11 +124,27 @@ def _torch_varlen(inputs, leaves=None):
             pytest.skip("varlen_attn aligns its causal mask lower-right, varattn here upper-left: "
                         "they differ where Lq != Lk")
         # torch 2.10 takes is_causal; later versions a window, (-1, 0) meaning causal
-        causal = (dict(window_size=(-1, 0)) if "window_size" in inspect.signature(varlen_attn).parameters
-                  else dict(is_causal=True))
+        causal = (dict(window_size=(-1, 0)) if "window_size" in parameters else dict(is_causal=True))
     q, k, v = leaves or (inputs.q, inputs.k, inputs.v)
+    if q.shape[1] != k.shape[-2]:
+        causal["enable_gqa"] = True
+    if paged is not None:
+        table, used = paged
+        args = (q, k, v, inputs.cu_q, None, inputs.max_q, inputs.max_k)
+        return lambda: varlen_attn(*args, seqused_k=used, block_table=table, **causal)
     args = (q, k, v, inputs.cu_q, inputs.cu_k, inputs.max_q, inputs.max_k)
     return lambda: varlen_attn(*args, **causal)
+
+
+def _paged(inputs, name):
+    """Comparator `name` ("varattn-paged-<page size>" or "torch-varlen-paged-<page size>")
+    on the inputs' keys and values in shuffled pages."""
+    impl, size = name.rsplit("-paged-", 1)
+    k_pool, v_pool, table, used = inputs.paged(int(size))
+    if impl == "torch-varlen":
+        return _torch_varlen(inputs, (inputs.q, k_pool, v_pool), paged=(table, used))
+    args = (inputs.q, k_pool, v_pool, inputs.cu_q, None, inputs.max_q, inputs.max_k)
+    return lambda: varattn.varlen_attention(*args, seqused_k=used, block_table=table)
 
 
 def comparator(inputs, name):
@@ -123,6 +152,8 @@ def comparator(inputs, name):
     w = inputs.workload
     if name == "varattn":
         return _masked_varattn(inputs)
+    if "-paged-" in name:
+        return _paged(inputs, name)
     if name == "torch-efficient":
         from torch.nn.attention import SDPBackend
         return _torch_padded(*inputs.padded(), SDPBackend.EFFICIENT_ATTENTION)
@@ -132,14 +163,16 @@ def comparator(inputs, name):
         return _torch_varlen(inputs)
     if name == "torch-nested":
         q, k, v = inputs.nested(torch.strided if w.name == "W5" else torch.jagged)
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
+        gqa = _gqa(inputs.q.transpose(0, 1), inputs.k.transpose(0, 1))
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=w.causal, **gqa)
     if name == "torch-padded":
         return _torch_padded(*inputs.padded())
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
         q, k, v, block_mask = inputs.flex()
         compiled = torch.compile(flex_attention) if DEVICE.type == "cuda" else flex_attention
-        return lambda: compiled(q, k, v, block_mask=block_mask)
+        gqa = _gqa(q, k)
+        return lambda: compiled(q, k, v, block_mask=block_mask, **gqa)
     raise ValueError(name)
 
 
@@ -238,16 +271,18 @@ def measure(benchmark, inputs, name, budget_s=1.0, training=False):
         torch.cuda.empty_cache()
 
 
-def suite(name, training=False):
+def suite(name, training=False, paged=False):
     """The parametrised benchmark of workload `name` over every comparator (forward, or
-    forward + backward when `training`), for a test module."""
+    forward + backward when `training`; `paged`: the paged-cache comparators too),
+    for a test module."""
     inputs_cache = {}
     group = WORKLOADS[name].group + (", fwd+bwd" if training else "")
 
     masked = MASKED_COMPARATORS.get(WORKLOADS[name].mask)
+    comparators = masked or (TRAINING_COMPARATORS if training else COMPARATORS + (PAGED_COMPARATORS if paged else []))
 
     @pytest.mark.benchmark(group=group)
-    @pytest.mark.parametrize("impl", masked or (TRAINING_COMPARATORS if training else COMPARATORS))
+    @pytest.mark.parametrize("impl", comparators)
     def test(benchmark, impl):
         if "inputs" not in inputs_cache:
             inputs_cache["inputs"] = inputs_for(name)

@@ -29,6 +29,11 @@ class Workload:
     decode: bool = False       # report TB/s rather than TFLOP/s
     mask: str = "document"     # "document": lengths only; "key_padding": a padded batch and its
                                # key_padding_mask; "blocks": a random boolean mask of 64 x 64 blocks
+    heads_kv: int = 0          # key/value heads (GQA); 0: as many as the queries'
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads_kv or self.heads
 
     @property
     def group(self) -> str:
@@ -49,7 +54,7 @@ class Workload:
     def bytes_moved(self) -> int:
         """q, k and v read once, out written once."""
         element = torch.finfo(self.dtype).bits // 8
-        return element * self.heads * self.head_dim * (2 * sum(self.lengths_q) + 2 * sum(self.lengths_k))
+        return element * self.head_dim * (2 * self.heads * sum(self.lengths_q) + 2 * self.kv_heads * sum(self.lengths_k))
 
 
 def _docs(seed, count=32):
@@ -87,12 +92,14 @@ def block_masks(workload, seed=8):
     return masks
 
 
-def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, decode=False, mask="document"):
+def _make(name, title, lengths_q, lengths_k, heads, head_dim, dtype, causal, decode=False, mask="document",
+          heads_kv=0):
     if SMOKE:
         lengths_q = [max(1, n // 16) for n in lengths_q[:4]]
         lengths_k = [max(1, n // 16) for n in lengths_k[:4]]
-        heads = min(heads, 2)
-    return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode, mask)
+        heads, heads_kv = min(heads, 2), (1 if heads_kv and heads_kv < heads else 0)
+    return Workload(name, title, tuple(lengths_q), tuple(lengths_k), heads, head_dim, dtype, causal, decode, mask,
+                    heads_kv)
 
 
 def _many_short(seed, count=4000):
@@ -100,9 +107,9 @@ def _many_short(seed, count=4000):
     return [rng.randint(1, 64) for _ in range(count)]
 
 
-def _decode_keys(seed):
+def _decode_keys(seed, count=64, shortest=512, longest=8192):
     rng = random.Random(seed)
-    return [rng.randint(512, 8192) for _ in range(64)]
+    return [rng.randint(shortest, longest) for _ in range(count)]
 
 
 WORKLOADS = {
@@ -120,6 +127,12 @@ WORKLOADS = {
                 mask="blocks"),
     # thousands of sequences shorter than one tile: what a fixed cost per tile costs
     "W9": _make("W9", "many short", _many_short(9), _many_short(9), 16, 128, torch.bfloat16, False),
+    # serving: GQA decode against long caches, one query per sequence and four (speculative
+    # decoding; every query sees the whole cache); the paged comparators read the same keys from pages
+    "W10": _make("W10", "GQA decode 32/8", [1] * 32, _decode_keys(10, 32, 1024, 32768), 32, 128, torch.bfloat16,
+                 False, decode=True, heads_kv=8),
+    "W11": _make("W11", "GQA decode 32/8, 4 queries", [4] * 32, _decode_keys(10, 32, 1024, 32768), 32, 128,
+                 torch.bfloat16, False, decode=True, heads_kv=8),
 }
 
 
@@ -139,11 +152,13 @@ class Inputs:
     def __init__(self, workload: Workload, device):
         self.workload, self.device = workload, device
         generator = torch.Generator().manual_seed(0)
-        h, d, dtype = workload.heads, workload.head_dim, workload.dtype
+        d, dtype = workload.head_dim, workload.dtype
 
-        def randn(rows):
-            return torch.randn(rows, h, d, generator=generator).to(device, dtype)
-        self.q, self.k, self.v = randn(sum(workload.lengths_q)), randn(sum(workload.lengths_k)), randn(sum(workload.lengths_k))
+        def randn(rows, heads):
+            return torch.randn(rows, heads, d, generator=generator).to(device, dtype)
+        rows_k = sum(workload.lengths_k)
+        self.q = randn(sum(workload.lengths_q), workload.heads)
+        self.k, self.v = randn(rows_k, workload.kv_heads), randn(rows_k, workload.kv_heads)
         self.cu_q = torch.tensor([0, *itertools.accumulate(workload.lengths_q)], dtype=torch.int32, device=device)
         self.cu_k = torch.tensor([0, *itertools.accumulate(workload.lengths_k)], dtype=torch.int32, device=device)
         self.max_q, self.max_k = max(workload.lengths_q), max(workload.lengths_k)
@@ -162,6 +177,29 @@ class Inputs:
             parts = [part.reshape(part.shape[0], h * d) for part in values.split(list(lengths))]
             return torch.nested.nested_tensor(parts).view(batch, -1, h, d).transpose(1, 2)
         return make(self.q, self.workload.lengths_q), make(self.k, self.workload.lengths_k), make(self.v, self.workload.lengths_k)
+
+    def paged(self, page_size: int, seed: int = 3):
+        """(k pool, v pool, block_table, seqused_k): the keys and values in
+        pages of `page_size` rows, (pages, page_size, H_kv, D), each
+        sequence's pages at shuffled places in the pools."""
+        lengths = torch.tensor(self.workload.lengths_k)
+        pages_of = (lengths + page_size - 1) // page_size
+        total = int(pages_of.sum())
+        place = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        table = torch.zeros(len(lengths), int(pages_of.max()), dtype=torch.int32)
+        first = torch.cumsum(pages_of, 0) - pages_of
+        for b, count in enumerate(pages_of.tolist()):
+            table[b, :count] = place[first[b]:first[b] + count].to(torch.int32)
+        # key j of sequence b goes to row j % page_size of page table[b, j // page_size]
+        b = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        j = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        rows = (table[b, j // page_size].long() * page_size + j % page_size).to(self.device)
+        pools = []
+        for x in (self.k, self.v):
+            pool = x.new_zeros(total * page_size, *x.shape[1:])
+            pool[rows] = x
+            pools.append(pool.view(total, page_size, *x.shape[1:]))
+        return (*pools, table.to(self.device), lengths.to(self.device, torch.int32))
 
     def key_padding_mask(self):
         """(B, Lk) bool, True at padding (nn.MultiheadAttention's convention)."""
