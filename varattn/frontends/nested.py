@@ -609,10 +609,7 @@ def _jagged_described_call(described, query, key, value):
     sides = (JaggedSide(query, dim, "query"), JaggedSide(key, dim, "key"), JaggedSide(value, dim, "value"))
     # (gradients reach the NestedTensors through run.py's Function, whatever
     # autograd records of these views: values made by torch's ops have none)
-    if dim == 1:
-        q, k, v = query._values, key._values, value._values
-    else:
-        q, k, v = query._values.transpose(0, 1), key._values.transpose(0, 1), value._values.transpose(0, 1)
+    q, k, v = (s.rows_of(s.nt) for s in sides)
     return described.with_tensors(q, k, v, None), NestedForm(*sides), (query, key, value)
 
 
