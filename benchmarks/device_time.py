@@ -4,17 +4,17 @@ for comparing kernels (another checkout's, say) in one sitting.
     python benchmarks/device_time.py [package_dir] [--dims] [--train] [--label NAME]
 
 package_dir: where `varattn` is imported from (default: this checkout).
-Times varattn.varlen_attention with use_backends("flash") and torch's
-varlen_attn on the same packed rows of W1-W4 and W9 (--dims: also the
-head-dim workloads, bf16 and fp16 D96), the forward or (--train) forward +
-backward to a random output gradient. CUDA events around eight calls back
-to back (so the host's time per call hides behind the GPU's), median of 15;
+Times the suites' own `varattn-flash` and `torch-varlen` calls (harness.py)
+on the same packed rows of W1-W4 and W9 (--dims: also the head-dim
+workloads, bf16 and fp16 D96), the forward or (--train) a training step,
+forward + backward to a random output gradient. CUDA events around eight
+calls back to back (so the host's time per call hides behind the GPU's),
+median of 15;
 prints a line per workload and writes device_time_<label>.json under $OUT
 (or /tmp). Alternate the package dirs over several runs: the same kernels
 vary by a few percent from run to run.
 """
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -30,22 +30,12 @@ if args.package_dir:
     sys.path.insert(0, args.package_dir)
 
 import torch  # noqa: E402
-from torch.nn.attention.varlen import varlen_attn  # noqa: E402
 
-import varattn  # noqa: E402
+from harness import comparator, training_comparator  # noqa: E402  (the suites' own calls)
 from workloads import HEAD_DIM_WORKLOADS, WORKLOADS, Inputs  # noqa: E402
 
 DEVICE = torch.device("cuda")
 REPS, INNER = 15, 8
-
-
-def causal_options(workload):
-    if not workload.causal:
-        return {}
-    # torch 2.10 takes is_causal; later versions a window, (-1, 0) meaning causal
-    if "window_size" in inspect.signature(varlen_attn).parameters:
-        return dict(window_size=(-1, 0))
-    return dict(is_causal=True)
 
 
 def median_ms(fn):
@@ -64,30 +54,15 @@ def median_ms(fn):
     return statistics.median(times)
 
 
-def calls(workload, x, train):
-    """(varattn's call, torch's call) on inputs x."""
-    torch_options = causal_options(workload)
-    q, k, v = (t.detach().requires_grad_(train) for t in (x.q, x.k, x.v))
-    grad = torch.randn_like(x.q) if train else None
-    packed = (q, k, v, x.cu_q, x.cu_k, x.max_q, x.max_k)
-
-    def run(out):
-        if train:
-            torch.autograd.grad(out, (q, k, v), grad)
-    return (lambda: run(varattn.varlen_attention(*packed, causal=workload.causal)),
-            lambda: run(varlen_attn(*packed, **torch_options)))
-
-
 def main():
     cases = [(name, WORKLOADS[name]) for name in ("W1", "W2", "W3", "W4", "W9")]
     if args.dims:
         cases += [(name, w) for name, w in HEAD_DIM_WORKLOADS.items() if "bfloat16" in name or "D96" in name]
+    make = training_comparator if args.train else comparator
     rows = []
     for name, workload in cases:
-        mine, theirs = calls(workload, Inputs(workload, DEVICE), args.train)
-        with varattn.use_backends("flash"):
-            mine_ms = median_ms(mine)
-        theirs_ms = median_ms(theirs)
+        inputs = Inputs(workload, DEVICE)
+        mine_ms, theirs_ms = median_ms(make(inputs, "varattn-flash")), median_ms(make(inputs, "torch-varlen"))
         rows.append(dict(workload=name, varattn_ms=mine_ms, torch_varlen_ms=theirs_ms, ratio=mine_ms / theirs_ms))
         print(f"{args.label:8s} {name:22s} varattn {mine_ms:7.3f} ms  torch varlen_attn {theirs_ms:7.3f} ms  "
               f"ratio {mine_ms / theirs_ms:.3f}", flush=True)
