@@ -34,6 +34,20 @@ struct FlashTile {
 template <bool PACKED>
 __device__ __forceinline__ int packed_heads(const AttnParams& p) { return PACKED ? p.heads / p.heads_kv : 1; }
 
+// t's diagonal, right bound and the key tiles [first_tile, end_tile) of
+// BLOCK_N keys that its queries [first_query, last_row] may see, from its
+// spans.
+template <int BLOCK_N>
+__device__ __forceinline__ void bound_keys(const AttnParams& p, FlashTile& t) {
+    t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
+    t.bounded_right = right_bound(p, t.right);
+    long long key_end = t.keys.len, key_begin = 0;
+    if (t.bounded_right) key_end = min(key_end, max(0LL, t.last_row + t.diagonal + t.right + 1));
+    if (p.window_left >= 0) key_begin = max(0LL, t.first_query + t.diagonal - p.window_left);
+    t.first_tile = (int)(key_begin / BLOCK_N);
+    t.end_tile = key_end > key_begin ? ceil_div((int)key_end, BLOCK_N) : t.first_tile;
+}
+
 template <int BLOCK_M, int BLOCK_N, bool PACKED = false>
 __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* order, const int* tile_offsets, int work,
                                             FlashTile& t) {
@@ -49,14 +63,7 @@ __device__ __forceinline__ bool locate_tile(const AttnParams& p, const int* orde
     t.keys = key_span(p, t.b);
     t.first_query = t.m0 / group;
     t.last_row = (min(t.m0 + BLOCK_M, t.queries.len * group) - 1) / group;
-
-    t.diagonal = p.lower_right ? (long long)t.keys.len - t.queries.len : 0;
-    t.bounded_right = right_bound(p, t.right);
-    long long key_end = t.keys.len, key_begin = 0;
-    if (t.bounded_right) key_end = min(key_end, max(0LL, t.last_row + t.diagonal + t.right + 1));
-    if (p.window_left >= 0) key_begin = max(0LL, t.first_query + t.diagonal - p.window_left);
-    t.first_tile = (int)(key_begin / BLOCK_N);
-    t.end_tile = key_end > key_begin ? ceil_div((int)key_end, BLOCK_N) : t.first_tile;
+    bound_keys<BLOCK_N>(p, t);
     return true;
 }
 

@@ -23,8 +23,7 @@ def small(gen, dtype=torch.float32):
 def test_explain_cpu(gen):
     explanation = varattn.explain(*small(gen))
     assert explanation.chosen == Backend.MATH
-    assert explanation.reasons[Backend.DECODE] == ["not built yet in this version"]
-    for backend in (Backend.FLASH, Backend.EFFICIENT):
+    for backend in (Backend.DECODE, Backend.FLASH, Backend.EFFICIENT):
         assert any("cuda" in reason for reason in explanation.reasons[backend])
         assert f"  {backend.value}: runs on cuda" in str(explanation)
     assert "backend: math" in str(explanation)
@@ -102,12 +101,13 @@ def fake_device(monkeypatch):
     return describe
 
 
-def on_cuda(gen, dtype=torch.float16, head_dim=64, *, grad=False, bias=None, **options):
-    """The explanation of a call with these inputs made on the fake device."""
-    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, head_dim, dtype=dtype)
-    attn_bias = {None: None, "bool": torch.ones(1, 1, 5, 5, dtype=torch.bool),
-                 "additive": torch.zeros(2, 4, 5, 5, dtype=dtype, requires_grad=grad)}[bias]
-    params = build_params(q.requires_grad_(grad), k, v, cu_q, cu_k, 5, 5, attn_bias=attn_bias, **options)
+def on_cuda(gen, dtype=torch.float16, head_dim=64, *, grad=False, bias=None, queries=20, **options):
+    """The explanation of a call with these inputs made on the fake device;
+    `queries`: the longest query sequence (at most 16: a decode call)."""
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [3, queries], [4, 25], 4, 2, head_dim, dtype=dtype)
+    attn_bias = {None: None, "bool": torch.ones(1, 1, queries, 25, dtype=torch.bool),
+                 "additive": torch.zeros(2, 4, queries, 25, dtype=dtype, requires_grad=grad)}[bias]
+    params = build_params(q.requires_grad_(grad), k, v, cu_q, cu_k, queries, 25, attn_bias=attn_bias, **options)
     return dispatch.explain_params(OnCuda(params))
 
 
@@ -131,6 +131,19 @@ def on_cuda(gen, dtype=torch.float16, head_dim=64, *, grad=False, bias=None, **o
 ], ids=str)
 def test_decisions_on_cuda(gen, fake_device, dtype, head_dim, call, chosen):
     assert on_cuda(gen, dtype, head_dim, **call).chosen == chosen
+
+
+@pytest.mark.parametrize("dtype, head_dim, call, chosen", [
+    (torch.float16, 64, dict(), Backend.DECODE),
+    (torch.bfloat16, 128, dict(grad=True, causal=True, causal_align="lower_right"), Backend.DECODE),
+    (torch.bfloat16, 256, dict(), Backend.DECODE),
+    (torch.bfloat16, 256, dict(grad=True), Backend.EFFICIENT),  # no flash backward at 256
+    (torch.float16, 32, dict(), Backend.FLASH),
+    (torch.float16, 64, dict(bias="bool"), Backend.EFFICIENT),
+    (torch.float32, 64, dict(), Backend.EFFICIENT),
+], ids=str)
+def test_decisions_on_cuda_for_short_queries(gen, fake_device, dtype, head_dim, call, chosen):
+    assert on_cuda(gen, dtype, head_dim, queries=4, **call).chosen == chosen
 
 
 @pytest.mark.parametrize("capability, head_dims, grad, chosen, flash_says", [

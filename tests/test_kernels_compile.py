@@ -30,12 +30,13 @@ COMPILE_ALL = os.environ.get("VARATTN_COMPILE_ALL") == "1"
 
 
 def covering_set(name_expressions) -> list[str]:
-    """Instances among `name_expressions` ("kernel<a, b, ...>") that take every
-    kernel and every value of each of its template arguments at least once,
-    chosen greedily (each time the instance covering most of what is left)."""
+    """Instances among `name_expressions` ("kernel<a, b, ...>", or a plain
+    kernel's name) that take every kernel and every value of each of its
+    template arguments at least once, chosen greedily (each time the
+    instance covering most of what is left)."""
     def features(expression):
-        kernel, arguments = re.fullmatch(r"(\w+)<(.*)>", expression).groups()
-        return {(kernel,)} | {(kernel, i, a.strip()) for i, a in enumerate(arguments.split(","))}
+        kernel, arguments = re.fullmatch(r"(\w+)(?:<(.*)>)?", expression).groups()
+        return {(kernel,)} | {(kernel, i, a.strip()) for i, a in enumerate((arguments or "").split(",")) if a}
 
     left = {e: features(e) for e in name_expressions}
     needed = set().union(*left.values())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from varattn.backends import flash  # noqa: E402  (registers the families)
+from varattn.backends import decode, flash  # noqa: E402  (registers the families)
 from varattn.cuda import loader  # noqa: E402
 
 BEGIN, END = "// resources:", "// end of resources"
@@ -57,6 +57,7 @@ TABLES = {
     "flash_fwd_hopper": (("sm_90a",), lambda: _forward_shared_mem(flash.HOPPER_KERNELS)),
     "flash_bwd": (("sm_80", "sm_90a"), _backward_shared_mem),
     "flash_bwd_hopper": (("sm_90a",), _hopper_backward_shared_mem),
+    "decode": (("sm_80", "sm_90a"), lambda: decode.INSTANCES),
 }
 
 

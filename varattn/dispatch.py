@@ -84,12 +84,9 @@ def explain_params(params) -> Explanation:
     allowed = _allowed.get()
     explanation = Explanation(chosen=None)
     for backend, module in REGISTRY.items():
-        if module is None:
-            why = ["not built yet in this version"]
-        else:
-            why = list(module.reasons(params))
-            if backend not in allowed:
-                why.insert(0, "not allowed by use_backends()")
+        why = list(module.reasons(params))
+        if backend not in allowed:
+            why.insert(0, "not allowed by use_backends()")
         if not why and explanation.chosen is not None:
             why = [f"could run, but {explanation.chosen.value} comes first"]
         if not why:
@@ -111,7 +108,7 @@ def select(params, allowed=None):
         if found is not None:
             return found
     for backend, module in REGISTRY.items():
-        if module is not None and backend in allowed and not module.reasons(params):
+        if backend in allowed and not module.reasons(params):
             if key is not None:
                 structure.derived[key] = module
             return module

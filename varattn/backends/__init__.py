@@ -9,13 +9,12 @@ A backend is a module with one protocol:
   stream when dropout_p > 0 (run.py draws it, once per call);
 - `backward(params, out, lse, grad_out, grad_lse, bias_grad) -> (dq, dk, dv,
   dbias or None)`, when CAPABILITIES say `backward`.
-The ones not built yet are listed with `None` so that `explain()` can say so.
 """
 from __future__ import annotations
 
 import enum
 
-from . import efficient, flash, math
+from . import decode, efficient, flash, math
 
 
 class Backend(str, enum.Enum):
@@ -27,8 +26,9 @@ class Backend(str, enum.Enum):
     which say which backend a call would run on and why each of the others
     would not.
 
-    DECODE: short queries against long keys on CUDA; not built yet, so it
-        never runs a call.
+    DECODE: CUDA sm80+, fp16 and bf16, at most 16 queries per sequence
+        (decode, speculative decoding) at head dims 64 to 256, the keys split
+        over the GPU, contiguous or paged; no mask, bias or dropout.
     FLASH: CUDA sm80+, fp16 and bf16 at head dims 32, 64, 96, 128, 192 and
         256, without a mask, bias or dropout; the fast path.
     EFFICIENT: CUDA sm80+, what flash leaves out: bool masks, additive
@@ -44,10 +44,11 @@ class Backend(str, enum.Enum):
     MATH = "math"
 
 
-# Priority order: the specialist first, the fallback last: flash when it can
-# run the call, efficient for what flash leaves out, math for the rest.
+# Priority order: the specialist first, the fallback last: decode for short
+# queries, flash when it can run the call, efficient for what flash leaves
+# out, math for the rest.
 REGISTRY = {
-    Backend.DECODE: None,
+    Backend.DECODE: decode,
     Backend.FLASH: flash,
     Backend.EFFICIENT: efficient,
     Backend.MATH: math,

@@ -75,7 +75,13 @@ MATH_GRADS = Struct("MathGrads", "math.cu", (
     ("dout_row_stride", "q"), ("dout_head_stride", "q"), ("dbias_row_stride", "q"), ("dbias_head_stride", "q"),
 ))
 
-STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS)
+DECODE_PARAMS = Struct("DecodeParams", "decode.cu", (
+    ("block_table", "Q"), ("o_partial", "Q"), ("lse_partial", "Q"), ("plan", "Q"),
+    ("max_pages", "i"), ("table_stride", "i"), ("page_shift", "i"), ("num_pages", "i"),
+    ("target_items", "i"), ("rows_per_item", "i"),
+))
+
+STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS, DECODE_PARAMS)
 
 BIAS_KINDS = {"none": 0, "bool": 1, "additive": 2}
 
@@ -98,7 +104,7 @@ def attn_params(p, out, lse) -> bytes:
         packed = bytearray(fixed)
     q, k = p.q, p.k
     _ATTN_POINTERS.pack_into(packed, 0, q.data_ptr(), k.data_ptr(), p.v.data_ptr(), _ptr(out), _ptr(lse),
-                             _ptr(p.attn_bias), p.cu_seqlens_q.data_ptr(), p.cu_seqlens_k.data_ptr(),
+                             _ptr(p.attn_bias), p.cu_seqlens_q.data_ptr(), _ptr(p.cu_seqlens_k),
                              _ptr(p.seqused_q), _ptr(p.seqused_k))
     _ATTN_ROWS.pack_into(packed, _ATTN_ROWS_AT, q.shape[0], k.shape[0])
     _ATTN_LONGEST.pack_into(packed, _ATTN_LONGEST_AT, p.max_seqlen_q, p.max_seqlen_k)
