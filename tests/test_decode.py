@@ -154,3 +154,48 @@ def test_row_shapes_cover_every_call_decode_takes():
             warps, slices = decode.row_shape(head_dim, rows)
             assert decode.instance(torch.bfloat16, head_dim, (warps, slices)) in decode.INSTANCES
             assert decode.shared_mem(head_dim, (warps, slices)) <= 227 * 1024
+
+
+@gpu
+@pytest.mark.parametrize("backend, queries, paged", [("decode", 1, False), ("decode", 4, True), ("flash", 40, False)],
+                         ids=["decode", "decode-paged", "flash"])
+def test_cuda_graph_replays_with_new_lengths(gen, backend, queries, paged):
+    """One step captured with torch.cuda.graph, max_seqlen_* as upper
+    bounds, replayed with new key lengths and new queries in the same
+    buffers: each replay equals the eager call on the same data."""
+    heads, heads_kv, head_dim, batch, capacity, page_size = 8, 2, 128, 4, 2048, 64
+    q = reference.randn(gen, batch * queries, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    cu_q = reference.cu_seqlens([queries] * batch, "cuda")
+    used = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    if paged:
+        pages = batch * capacity // page_size
+        k = reference.randn(gen, pages, page_size, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+        v = reference.randn(gen, pages, page_size, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+        table = torch.randperm(pages, generator=gen).int().view(batch, -1).cuda()
+        keys = dict(cu_seqlens_k=None, block_table=table)
+    else:
+        k = reference.randn(gen, batch * capacity, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+        v = reference.randn(gen, batch * capacity, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+        keys = dict(cu_seqlens_k=torch.arange(batch + 1, dtype=torch.int32, device="cuda") * capacity)
+
+    def step():
+        with varattn.use_backends(backend):
+            return varattn.varlen_attention(q, k, v, cu_seqlens_q=cu_q, max_seqlen_q=queries, max_seqlen_k=capacity,
+                                            causal=True, causal_align="lower_right", seqused_k=used, **keys)
+
+    used.fill_(capacity)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and warms up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for lengths in ([1, 2047, 300, 0], [2048, 5, 1000, 64], [queries, 700, 2048, 129]):
+        used.copy_(torch.tensor(lengths, dtype=torch.int32))
+        q.copy_(reference.randn(gen, *q.shape, dtype=torch.bfloat16, device="cuda"))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), lengths

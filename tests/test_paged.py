@@ -200,6 +200,35 @@ def test_append_skips_rows_with_nowhere_to_go(gen, device):
     assert torch.equal(k_cache, before)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "batched"])
+def test_append_kernel_equals_the_torch_ops(gen, monkeypatch, packed):
+    """The one-kernel append on CUDA writes what the torch-op path writes, garbage table entries included."""
+    from varattn import paged
+    pages, page_size, heads_kv, head_dim, batch = 64, 16, 4, 128, 6
+    table = torch.randperm(pages, generator=gen)[:batch * 8].view(batch, 8).int()  # no page named twice
+    table[0, 0], table[3, 6], table[5, 7] = -3, pages, pages + 9                    # ones outside the pool
+    table = table.cuda()
+    used = torch.tensor([0, 5, 16, 100, 127, 130], dtype=torch.int32, device="cuda")
+    new = [3, 0, 17, 2, 1, 4] if packed else [3] * batch
+    rows = sum(new)
+    k_new = reference.randn(gen, rows, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+    v_new = reference.randn(gen, rows, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+    if not packed:
+        k_new, v_new = k_new.view(batch, 3, heads_kv, head_dim), v_new.view(batch, 3, heads_kv, head_dim)
+    cu_new = reference.cu_seqlens(new, "cuda") if packed else None
+    caches = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(paged, "_append_kernel", lambda *args: None)
+        k_cache = torch.zeros(pages, page_size, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.zeros_like(k_cache)
+        lengths = varattn.append_paged_kv(k_new, v_new, k_cache, v_cache, table, used, cu_new)
+        caches.append((k_cache, v_cache, lengths))
+    for a, b in zip(*caches):
+        assert torch.equal(a, b)
+
+
 def test_varlen_attn_takes_torch_paged_arguments(gen):
     k_cache, v_cache, table, used, k, v, cu_k = paged_cache(gen, [30, 1, 0], 2, 16, 16)
     q = reference.randn(gen, 3, 4, 16, dtype=torch.float64)

@@ -30,7 +30,11 @@ import dataclasses
 import torch
 
 from . import checks
+from .cuda import loader, structs
 from .params import AttentionParams, needs_grad
+
+loader.register_family("paged_append", ["paged_append"])
+APPEND_THREADS = 256  # kernels_cu/paged_append.cu
 
 
 def _in_range(table: torch.Tensor, num_pages: int) -> torch.Tensor:
@@ -90,10 +94,12 @@ def append_paged_kv(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_s
     Rows that would land in a page outside [0, num_pages) or past the
     table's last column are not written. Two sequences whose tables name
     one page at one position write it in an undefined order. Everything
-    runs on the device without a sync: the positions are computed with
-    torch ops and each cache gets one index_put_ (a fused kernel for both
-    is later work). No gradients: inputs that require grad raise
-    NotImplementedError.
+    runs on the device without a sync: on CUDA one kernel writes both
+    caches and the lengths (kernels_cu/paged_append.cu) where every row of
+    heads is contiguous and 16-byte aligned in the new tensors and the
+    caches; elsewhere (and on the CPU) torch ops compute the positions and
+    each cache gets one index_put_. No gradients: inputs that require grad
+    raise NotImplementedError.
     """
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         checks.tensor(x, name)
@@ -144,7 +150,53 @@ def append_paged_kv(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_s
         return _append(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new)
 
 
+def _rows_of_heads(x: torch.Tensor, leading: int) -> torch.Tensor | None:
+    """x's (heads, head_dim) rows as one 2-D view (after `leading` dims), or
+    None where a row of heads is not contiguous or 16-byte aligned."""
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        return None
+    rows = x.reshape(-1, x.shape[-2] * x.shape[-1]) if leading else x
+    if rows.data_ptr() % 16 or any(s * x.element_size() % 16 for s in rows.stride()[:-1]):
+        return None
+    return rows
+
+
+def _append_kernel(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new) -> torch.Tensor | None:
+    """_append in one kernel, or None where its rows are not contiguous and aligned."""
+    if not k_cache.is_cuda or loader.cupy_missing_reason() or block_table.stride(1) != 1:
+        return None
+    k_rows, v_rows = _rows_of_heads(k_new, 1), _rows_of_heads(v_new, 1)
+    if k_rows is None or v_rows is None or k_rows.shape[1] * k_new.element_size() % 16 \
+            or v_rows.shape[1] * v_new.element_size() % 16:
+        return None
+    if _rows_of_heads(k_cache[:, :1], 0) is None or _rows_of_heads(v_cache[:, :1], 0) is None:
+        return None
+    batch, max_pages = block_table.shape
+    lengths = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
+    if batch == 0:
+        return lengths
+    seqused_k = seqused_k.contiguous()
+    cu_seqlens_new = None if cu_seqlens_new is None else cu_seqlens_new.contiguous()
+    size = k_new.element_size()
+    args = structs.APPEND_PARAMS.pack(
+        k_rows.data_ptr(), v_rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+        seqused_k.data_ptr(), 0 if cu_seqlens_new is None else cu_seqlens_new.data_ptr(), lengths.data_ptr(),
+        k_rows.stride(0) * size, v_rows.stride(0) * size, k_cache.stride(0) * size, k_cache.stride(1) * size,
+        v_cache.stride(0) * size, v_cache.stride(1) * size, k_rows.shape[0],
+        batch, 0 if cu_seqlens_new is not None else k_new.shape[1], block_table.stride(0), max_pages,
+        k_cache.shape[1].bit_length() - 1, k_cache.shape[0], k_rows.shape[1] * size // 16,
+        v_rows.shape[1] * size // 16)
+    kernel = loader.kernel("paged_append", "paged_append", k_cache.device)
+    threads = max(32 * k_rows.shape[0], batch, 1)
+    loader.launch(kernel, (-(-threads // APPEND_THREADS),), (APPEND_THREADS,), loader.Args(args),
+                  stream=loader.current_stream(kernel))
+    return lengths
+
+
 def _append(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new) -> torch.Tensor:
+    fused = _append_kernel(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new)
+    if fused is not None:
+        return fused
     device = k_cache.device
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
     batch, max_pages = block_table.shape

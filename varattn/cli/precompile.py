@@ -20,6 +20,7 @@ from ..cuda import loader
 
 # The families each backend's kernels live in; "_hopper" families build for sm_90a only.
 BACKEND_FAMILIES = {
+    "decode": ("decode", "paged_append"),
     "flash": ("flash_fwd", "flash_fwd_hopper", "flash_bwd", "flash_bwd_hopper"),
     "efficient": ("efficient_fwd", "efficient_bwd"),
     "math": ("math",),
@@ -29,8 +30,9 @@ DTYPES = {"float16": "half_t", "bfloat16": "bf16_t", "float32": "float", "float6
 
 
 def template_arguments(name_expression: str) -> list[str]:
-    """'flash_fwd<bf16_t, 128, 128, 32>' -> ['bf16_t', '128', '128', '32']."""
-    return [a.strip() for a in re.fullmatch(r"\w+<(.*)>", name_expression).group(1).split(",")]
+    """'flash_fwd<bf16_t, 128, 128, 32>' -> ['bf16_t', '128', '128', '32']; a plain kernel's name -> []."""
+    arguments = re.fullmatch(r"\w+(?:<(.*)>)?", name_expression).group(1)
+    return [] if arguments is None else [a.strip() for a in arguments.split(",")]
 
 
 def instances(archs, dtypes=None, head_dims=None, backends_=None) -> list[tuple[str, str, str]]:
@@ -38,8 +40,8 @@ def instances(archs, dtypes=None, head_dims=None, backends_=None) -> list[tuple[
 
     A kernel's first template argument is its storage type and the second,
     where it has one, its head dim (tests/test_cli.py checks every registered
-    instance keeps to this); plan kernels, whose first argument is a tile
-    size, serve every dtype and head dim."""
+    instance keeps to this); plan kernels, whose first argument (if any) is
+    a tile size, serve every dtype and head dim."""
     storage = None if dtypes is None else {DTYPES[d] for d in dtypes}
     families = [f for b in (backends_ or BACKEND_FAMILIES) for f in BACKEND_FAMILIES[b]]
     found = []
@@ -49,7 +51,7 @@ def instances(archs, dtypes=None, head_dims=None, backends_=None) -> list[tuple[
                 continue
             for expression in loader.FAMILIES[family]:
                 arguments = template_arguments(expression)
-                if arguments[0] in DTYPES.values():
+                if arguments and arguments[0] in DTYPES.values():
                     if storage is not None and arguments[0] not in storage:
                         continue
                     if head_dims is not None and len(arguments) > 1 and int(arguments[1]) not in head_dims:

@@ -81,7 +81,16 @@ DECODE_PARAMS = Struct("DecodeParams", "decode.cu", (
     ("target_items", "i"), ("rows_per_item", "i"),
 ))
 
-STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS, DECODE_PARAMS)
+APPEND_PARAMS = Struct("AppendParams", "paged_append.cu", (
+    ("k_new", "Q"), ("v_new", "Q"), ("k_cache", "Q"), ("v_cache", "Q"), ("block_table", "Q"), ("seqused_k", "Q"),
+    ("cu_seqlens_new", "Q"), ("lengths", "Q"),
+    ("k_new_row_stride", "q"), ("v_new_row_stride", "q"), ("k_page_stride", "q"), ("k_slot_stride", "q"),
+    ("v_page_stride", "q"), ("v_slot_stride", "q"), ("rows", "q"),
+    ("batch", "i"), ("per_sequence", "i"), ("table_stride", "i"), ("max_pages", "i"),
+    ("page_shift", "i"), ("num_pages", "i"), ("k_chunks", "i"), ("v_chunks", "i"),
+))
+
+STRUCTS = (ATTN_PARAMS, BWD_PARAMS, DROPOUT, BIAS_GRAD, MATH_GRADS, DECODE_PARAMS, APPEND_PARAMS)
 
 BIAS_KINDS = {"none": 0, "bool": 1, "additive": 2}
 
