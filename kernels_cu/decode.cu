@@ -31,9 +31,74 @@
 //
 // Tiles (backends/decode.py: STAGES, ROW_SHAPES): DECODE_BLOCK_N = 64 keys;
 // STAGES buffers of K and V fill about 100 KB (two CTAs per SM) up to head
-// dim 192, two buffers at 256; the row shapes 16, 32, 64 rows (and 128 up
-// to head dim 128) keep S and O in registers.
-// resources: NVRTC 13.0, -Xptxas -v (tools/kernel_resources.py writes this table)
+// dim 192, two buffers at 256; the row shapes 16, 32, 64 rows (and 128 at
+// head dim 64) keep S and O in registers.
+// resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
+//   instance                          arch    registers  spill stores / loads  stack  shared: static + dynamic
+//   decode_fwd<bf16_t, 64, 1, 1, 5>   sm_80          93               0 / 0 B    0 B  0 B + 92.2 KB
+//   decode_fwd<bf16_t, 64, 1, 1, 5>   sm_90a         79               0 / 0 B    0 B  0 B + 92.2 KB
+//   decode_fwd<bf16_t, 64, 2, 1, 5>   sm_80          96               0 / 0 B    0 B  0 B + 94.5 KB
+//   decode_fwd<bf16_t, 64, 2, 1, 5>   sm_90a         96               0 / 0 B    0 B  0 B + 94.5 KB
+//   decode_fwd<bf16_t, 64, 4, 1, 5>   sm_80         131               0 / 0 B    0 B  0 B + 99.0 KB
+//   decode_fwd<bf16_t, 64, 4, 1, 5>   sm_90a        128               0 / 0 B    0 B  0 B + 99.0 KB
+//   decode_fwd<bf16_t, 64, 4, 2, 5>   sm_80         227               0 / 0 B    0 B  0 B + 108.0 KB
+//   decode_fwd<bf16_t, 64, 4, 2, 5>   sm_90a        226               0 / 0 B    0 B  0 B + 108.0 KB
+//   decode_fwd<bf16_t, 96, 1, 1, 4>   sm_80         120               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<bf16_t, 96, 1, 1, 4>   sm_90a        118               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<bf16_t, 96, 2, 1, 4>   sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<bf16_t, 96, 2, 1, 4>   sm_90a        126               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<bf16_t, 96, 4, 1, 4>   sm_80         158               0 / 0 B    0 B  0 B + 117.0 KB
+//   decode_fwd<bf16_t, 96, 4, 1, 4>   sm_90a        133               0 / 0 B    0 B  0 B + 117.0 KB
+//   decode_fwd<bf16_t, 128, 1, 1, 3>  sm_80         124               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<bf16_t, 128, 1, 1, 3>  sm_90a        124               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<bf16_t, 128, 2, 1, 3>  sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<bf16_t, 128, 2, 1, 3>  sm_90a        128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<bf16_t, 128, 4, 1, 3>  sm_80         166               0 / 0 B    0 B  0 B + 119.0 KB
+//   decode_fwd<bf16_t, 128, 4, 1, 3>  sm_90a        167               0 / 0 B    0 B  0 B + 119.0 KB
+//   decode_fwd<bf16_t, 192, 1, 1, 2>  sm_80         162               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<bf16_t, 192, 1, 1, 2>  sm_90a        158               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<bf16_t, 192, 2, 1, 2>  sm_80         166               0 / 0 B    0 B  0 B + 112.5 KB
+//   decode_fwd<bf16_t, 192, 2, 1, 2>  sm_90a        163               0 / 0 B    0 B  0 B + 112.5 KB
+//   decode_fwd<bf16_t, 192, 4, 1, 2>  sm_80         215               0 / 0 B    0 B  0 B + 125.0 KB
+//   decode_fwd<bf16_t, 192, 4, 1, 2>  sm_90a        222               0 / 0 B    0 B  0 B + 125.0 KB
+//   decode_fwd<bf16_t, 256, 1, 1, 2>  sm_80         198               0 / 0 B    0 B  0 B + 140.2 KB
+//   decode_fwd<bf16_t, 256, 1, 1, 2>  sm_90a        198               0 / 0 B    0 B  0 B + 140.2 KB
+//   decode_fwd<bf16_t, 256, 2, 1, 2>  sm_80         239               0 / 0 B    0 B  0 B + 148.5 KB
+//   decode_fwd<bf16_t, 256, 2, 1, 2>  sm_90a        238               0 / 0 B    0 B  0 B + 148.5 KB
+//   decode_fwd<bf16_t, 256, 4, 1, 2>  sm_80         243               0 / 0 B    0 B  0 B + 165.0 KB
+//   decode_fwd<bf16_t, 256, 4, 1, 2>  sm_90a        248               0 / 0 B    0 B  0 B + 165.0 KB
+//   decode_fwd<half_t, 64, 1, 1, 5>   sm_80          93               0 / 0 B    0 B  0 B + 92.2 KB
+//   decode_fwd<half_t, 64, 1, 1, 5>   sm_90a         79               0 / 0 B    0 B  0 B + 92.2 KB
+//   decode_fwd<half_t, 64, 2, 1, 5>   sm_80          96               0 / 0 B    0 B  0 B + 94.5 KB
+//   decode_fwd<half_t, 64, 2, 1, 5>   sm_90a         96               0 / 0 B    0 B  0 B + 94.5 KB
+//   decode_fwd<half_t, 64, 4, 1, 5>   sm_80         131               0 / 0 B    0 B  0 B + 99.0 KB
+//   decode_fwd<half_t, 64, 4, 1, 5>   sm_90a        128               0 / 0 B    0 B  0 B + 99.0 KB
+//   decode_fwd<half_t, 64, 4, 2, 5>   sm_80         227               0 / 0 B    0 B  0 B + 108.0 KB
+//   decode_fwd<half_t, 64, 4, 2, 5>   sm_90a        226               0 / 0 B    0 B  0 B + 108.0 KB
+//   decode_fwd<half_t, 96, 1, 1, 4>   sm_80         120               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<half_t, 96, 1, 1, 4>   sm_90a        118               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<half_t, 96, 2, 1, 4>   sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<half_t, 96, 2, 1, 4>   sm_90a        126               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<half_t, 96, 4, 1, 4>   sm_80         158               0 / 0 B    0 B  0 B + 117.0 KB
+//   decode_fwd<half_t, 96, 4, 1, 4>   sm_90a        133               0 / 0 B    0 B  0 B + 117.0 KB
+//   decode_fwd<half_t, 128, 1, 1, 3>  sm_80         124               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<half_t, 128, 1, 1, 3>  sm_90a        124               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<half_t, 128, 2, 1, 3>  sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<half_t, 128, 2, 1, 3>  sm_90a        128               0 / 0 B    0 B  0 B + 110.5 KB
+//   decode_fwd<half_t, 128, 4, 1, 3>  sm_80         166               0 / 0 B    0 B  0 B + 119.0 KB
+//   decode_fwd<half_t, 128, 4, 1, 3>  sm_90a        167               0 / 0 B    0 B  0 B + 119.0 KB
+//   decode_fwd<half_t, 192, 1, 1, 2>  sm_80         162               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<half_t, 192, 1, 1, 2>  sm_90a        158               0 / 0 B    0 B  0 B + 106.2 KB
+//   decode_fwd<half_t, 192, 2, 1, 2>  sm_80         166               0 / 0 B    0 B  0 B + 112.5 KB
+//   decode_fwd<half_t, 192, 2, 1, 2>  sm_90a        163               0 / 0 B    0 B  0 B + 112.5 KB
+//   decode_fwd<half_t, 192, 4, 1, 2>  sm_80         215               0 / 0 B    0 B  0 B + 125.0 KB
+//   decode_fwd<half_t, 192, 4, 1, 2>  sm_90a        222               0 / 0 B    0 B  0 B + 125.0 KB
+//   decode_fwd<half_t, 256, 1, 1, 2>  sm_80         198               0 / 0 B    0 B  0 B + 140.2 KB
+//   decode_fwd<half_t, 256, 1, 1, 2>  sm_90a        198               0 / 0 B    0 B  0 B + 140.2 KB
+//   decode_fwd<half_t, 256, 2, 1, 2>  sm_80         239               0 / 0 B    0 B  0 B + 148.5 KB
+//   decode_fwd<half_t, 256, 2, 1, 2>  sm_90a        238               0 / 0 B    0 B  0 B + 148.5 KB
+//   decode_fwd<half_t, 256, 4, 1, 2>  sm_80         243               0 / 0 B    0 B  0 B + 165.0 KB
+//   decode_fwd<half_t, 256, 4, 1, 2>  sm_90a        248               0 / 0 B    0 B  0 B + 165.0 KB
 // end of resources
 #include "block_ranges.cuh"
 #include "softmax.cuh"

@@ -79,7 +79,7 @@ def relative_error(actual, expected) -> float:
 
 def lse_error(actual, expected) -> float:
     """Largest absolute lse difference on finite entries; inf when -inf entries disagree."""
-    actual = actual.detach().cpu().double()
+    actual, expected = (x.detach().cpu().double() for x in (actual, expected))
     finite = torch.isfinite(expected)
     if not torch.equal(torch.isfinite(actual), finite) or torch.isnan(actual).any():
         return math.inf

@@ -39,9 +39,9 @@ THREADS, BLOCK_N, PLAN_THREADS, COMBINE_THREADS = 128, 64, tiled.PLAN_THREADS, 2
 # 192, two at 256 (which fit an sm80's 163 KB).
 STAGES = {64: 5, 96: 4, 128: 3, 192: 2, 256: 2}
 # (row warps, m16 slices each) of a CTA's rows, smallest first; 128 rows past
-# head dim 96 spill.
+# head dim 64 spill.
 ROW_SHAPES = ((1, 1), (2, 1), (4, 1), (4, 2))
-MAX_ROWS = {d: 128 if d <= 96 else 64 for d in HEAD_DIMS}
+MAX_ROWS = {d: 128 if d <= 64 else 64 for d in HEAD_DIMS}
 # The splits aim at this many waves of resident CTAs: finer splits even out
 # the sequences' lengths, each costing one more partial row set.
 TARGET_WAVES = 8
