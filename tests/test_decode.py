@@ -199,3 +199,15 @@ def test_cuda_graph_replays_with_new_lengths(gen, backend, queries, paged):
         eager = step()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager), lengths
+
+
+@gpu
+def test_dropout_is_refused_under_capture(gen):
+    q, k, v, cu_q, cu_k = reference.packed_inputs(gen, [20, 30], [20, 30], 4, 4, 64, dtype=torch.float16,
+                                                  device="cuda")
+    varattn.varlen_attention(q, k, v, cu_q, cu_k, 30, 30, dropout_p=0.1)  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="not supported under CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            varattn.varlen_attention(q, k, v, cu_q, cu_k, 30, 30, dropout_p=0.1)

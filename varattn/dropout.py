@@ -69,8 +69,14 @@ def keep(state: tuple[int, int], p: float, heads: int, rows: torch.Tensor, len_k
 
 
 def draw(device: torch.device, heads: int) -> tuple[int, int]:
-    """A new (seed, offset) for one call on `device`, advancing torch's generator."""
+    """A new (seed, offset) for one call on `device`, advancing torch's generator.
+    Refused under CUDA-graph capture: the numbers would be baked into the
+    graph, and every replay would drop the same elements."""
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("varattn: dropout_p > 0 is not supported under CUDA graph capture (its seed and "
+                               "offset would be fixed in the graph, so every replay would drop the same "
+                               "elements); capture with dropout_p=0")
         generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
         offset = generator.get_offset()
         generator.set_offset(offset + -(-heads // 4) * 4)  # torch advances its Philox offset in fours

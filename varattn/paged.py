@@ -20,8 +20,8 @@ sync.
 sequence's pages copied into a contiguous slot of max_pages * page_size
 rows (skipped pages and rows past seqused_k zeroed, so that NaN there cannot
 reach an output), a bool bias hiding the skipped pages; the same call then
-runs as a contiguous one. A kernel that reads the pages in place (the
-decode backend, flash over pages) is later work.
+runs as a contiguous one. The decode backend reads the pages in place
+(kernels_cu/decode.cu); flash over pages is later work.
 """
 from __future__ import annotations
 
