@@ -120,7 +120,7 @@ struct DecodeParams {
     int max_pages, table_stride;  // pages a sequence may have; elements between rows of block_table
     int page_shift, num_pages;    // page_size = 1 << page_shift; pages in the pool
     int target_items;         // about how many CTAs (over key/value heads) the splits should make
-    int rows_per_item;        // rows of the workspace per CTA (16 ROW_WARPS M_SLICES of decode_fwd)
+    int rows_per_item;        // rows of the workspace per CTA: max_seqlen_q times the query heads of a group
 };
 
 // Sequence b's keys: a span of k's rows, or of its pages (start 0).
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_fwd(const AttnParams p,
             store2<T>((T*)p.out + query * p.out_row_stride + head * p.out_head_stride + c, x * inv_sum, y * inv_sum);
             if (c == 0 && p.lse) ((float*)p.lse)[head * p.total_q + query] = lse;
         } else {
-            const long long at = (long long)blockIdx.x * ROWS + row;
+            const long long at = (long long)blockIdx.x * d.rows_per_item + row;
             *(float2*)(d.o_partial + at * HEAD_DIM + c) = make_float2(x * inv_sum, y * inv_sum);
             if (c == 0) d.lse_partial[at] = lse;
         }

@@ -132,8 +132,8 @@ def forward(params):
     head_dim, index = q.shape[2], q.get_device()
     heads_kv = k.shape[-2]
     group = q.shape[1] // heads_kv
-    shape = row_shape(head_dim, params.max_seqlen_q * group)
-    rows = 16 * shape[0] * shape[1]
+    rows = params.max_seqlen_q * group  # of a CTA, at most
+    shape = row_shape(head_dim, rows)
     shared = shared_mem(head_dim, shape)
     name = instance(q.dtype, head_dim, shape)
     fwd_kernel = loader.kernel("decode", name, q.device, dynamic_shared_mem=shared)
