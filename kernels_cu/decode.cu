@@ -43,7 +43,7 @@
 //   decode_fwd<bf16_t, 64, 4, 1, 5>   sm_90a        128               0 / 0 B    0 B  0 B + 99.0 KB
 //   decode_fwd<bf16_t, 64, 4, 2, 5>   sm_80         227               0 / 0 B    0 B  0 B + 108.0 KB
 //   decode_fwd<bf16_t, 64, 4, 2, 5>   sm_90a        226               0 / 0 B    0 B  0 B + 108.0 KB
-//   decode_fwd<bf16_t, 96, 1, 1, 4>   sm_80         120               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<bf16_t, 96, 1, 1, 4>   sm_80         118               0 / 0 B    0 B  0 B + 107.2 KB
 //   decode_fwd<bf16_t, 96, 1, 1, 4>   sm_90a        118               0 / 0 B    0 B  0 B + 107.2 KB
 //   decode_fwd<bf16_t, 96, 2, 1, 4>   sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
 //   decode_fwd<bf16_t, 96, 2, 1, 4>   sm_90a        126               0 / 0 B    0 B  0 B + 110.5 KB
@@ -75,7 +75,7 @@
 //   decode_fwd<half_t, 64, 4, 1, 5>   sm_90a        128               0 / 0 B    0 B  0 B + 99.0 KB
 //   decode_fwd<half_t, 64, 4, 2, 5>   sm_80         227               0 / 0 B    0 B  0 B + 108.0 KB
 //   decode_fwd<half_t, 64, 4, 2, 5>   sm_90a        226               0 / 0 B    0 B  0 B + 108.0 KB
-//   decode_fwd<half_t, 96, 1, 1, 4>   sm_80         120               0 / 0 B    0 B  0 B + 107.2 KB
+//   decode_fwd<half_t, 96, 1, 1, 4>   sm_80         118               0 / 0 B    0 B  0 B + 107.2 KB
 //   decode_fwd<half_t, 96, 1, 1, 4>   sm_90a        118               0 / 0 B    0 B  0 B + 107.2 KB
 //   decode_fwd<half_t, 96, 2, 1, 4>   sm_80         128               0 / 0 B    0 B  0 B + 110.5 KB
 //   decode_fwd<half_t, 96, 2, 1, 4>   sm_90a        126               0 / 0 B    0 B  0 B + 110.5 KB
