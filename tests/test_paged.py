@@ -204,7 +204,7 @@ def test_append_skips_rows_with_nowhere_to_go(gen, device):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "batched"])
 def test_append_kernel_equals_the_torch_ops(gen, monkeypatch, packed):
     """The one-kernel append on CUDA writes what the torch-op path writes, garbage table entries included."""
-    from varattn import paged
+    from varattn.frontends import paged_kv
     pages, page_size, heads_kv, head_dim, batch = 64, 16, 4, 128, 6
     table = torch.randperm(pages, generator=gen)[:batch * 8].view(batch, 8).int()  # no page named twice
     table[0, 0], table[3, 6], table[5, 7] = -3, pages, pages + 9                    # ones outside the pool
@@ -220,7 +220,7 @@ def test_append_kernel_equals_the_torch_ops(gen, monkeypatch, packed):
     caches = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(paged, "_append_kernel", lambda *args: None)
+            monkeypatch.setattr(paged_kv, "_append_kernel", lambda *args: None)
         k_cache = torch.zeros(pages, page_size, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda")
         v_cache = torch.zeros_like(k_cache)
         lengths = varattn.append_paged_kv(k_new, v_new, k_cache, v_cache, table, used, cu_new)

@@ -20,7 +20,7 @@ from .frontends.explain import explain
 from .frontends.packed import varlen_attention
 from .frontends.sdpa import scaled_dot_product_attention
 from .frontends.varlen_attn import varlen_attn
-from .paged import append_paged_kv
+from .frontends.paged_kv import append_paged_kv
 
 __version__ = "0.2.0"
 
