@@ -398,9 +398,11 @@ def test_dropout_struct(gen):
 
 @pytest.mark.gpu
 def test_choices_on_cuda(gen):
-    inputs = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    short = reference.packed_inputs(gen, [3, 5], [4, 5], 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+    assert varattn.explain(*short).chosen == Backend.DECODE
+    inputs = reference.packed_inputs(gen, [3, 20], [4, 20], 4, 2, 64, dtype=torch.bfloat16, device="cuda")
     assert varattn.explain(*inputs).chosen == Backend.FLASH
-    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool, device="cuda")
+    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool, device="cuda")
     assert varattn.explain(*inputs, attn_bias=mask).chosen == Backend.EFFICIENT
     assert varattn.explain(*inputs, dropout_p=0.1).chosen == Backend.EFFICIENT
     fp32 = reference.packed_inputs(gen, [3], [3], 2, 2, 64, device="cuda")
