@@ -103,6 +103,7 @@
 #include "block_ranges.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
+#include "tile_products.cuh"
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS 4
@@ -276,26 +277,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_fwd(const AttnParams p,
         const int n0 = (first + i) * DECODE_BLOCK_N + warp_key0;  // this warp's first key
 
         float s[M_SLICES][N_BLOCKS * 4];
-#pragma unroll
-        for (int ms = 0; ms < M_SLICES; ++ms)
-#pragma unroll
-            for (int e = 0; e < N_BLOCKS * 4; ++e) s[ms][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            unsigned a[M_SLICES][4];
-#pragma unroll
-            for (int ms = 0; ms < M_SLICES; ++ms) ldmatrix_x4(a[ms], q_lane + ms * ROW_WARPS * 16 * ROW_BYTES + kk * 32);
-#pragma unroll
-            for (int np = 0; np < N_BLOCKS / 2; ++np) {
-                unsigned bk[4];
-                ldmatrix_x4(bk, k_lane + slot + np * 16 * ROW_BYTES + kk * 32);
-#pragma unroll
-                for (int ms = 0; ms < M_SLICES; ++ms) {
-                    mma_16816<T>(&s[ms][8 * np], a[ms], bk[0], bk[1]);
-                    mma_16816<T>(&s[ms][8 * np + 4], a[ms], bk[2], bk[3]);
-                }
-            }
-        }
+        scores_qk<T, M_SLICES, N_BLOCKS, HEAD_DIM, ROW_BYTES, ROW_WARPS * 16 * ROW_BYTES>(s, q_lane, k_lane + slot);
         if (crosses_edge<WARP_KEYS>(p, t, n0)) {
 #pragma unroll
             for (int ms = 0; ms < M_SLICES; ++ms) mask_scores<N_BLOCKS>(p, t, first_row(ms), n0, s[ms], group);
@@ -319,22 +301,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) decode_fwd(const AttnParams p,
             softmax_scores<N_BLOCKS>(s[ms], row_max[ms], row_sum[ms], scale_log2, rescale);
             rescale_rows<D_BLOCKS>(o[ms], rescale);
         }
-#pragma unroll
-        for (int kk = 0; kk < WARP_KEYS / 16; ++kk) {
-            unsigned a[M_SLICES][4];
-#pragma unroll
-            for (int ms = 0; ms < M_SLICES; ++ms) p_fragment<T, N_BLOCKS>(s[ms], kk, a[ms]);
-#pragma unroll
-            for (int dp = 0; dp < D_BLOCKS / 2; ++dp) {
-                unsigned bv[4];
-                ldmatrix_x4_trans(bv, v_lane + slot + kk * 16 * ROW_BYTES + dp * 32);
-#pragma unroll
-                for (int ms = 0; ms < M_SLICES; ++ms) {
-                    mma_16816<T>(&o[ms][8 * dp], a[ms], bv[0], bv[1]);
-                    mma_16816<T>(&o[ms][8 * dp + 4], a[ms], bv[2], bv[3]);
-                }
-            }
-        }
+        add_pv<T, M_SLICES, N_BLOCKS, D_BLOCKS, ROW_BYTES>(o, s, v_lane + slot);
     }
 
     // The warps' (max, sum, O) of each row, into shared memory over the buffers.

@@ -34,7 +34,7 @@
 // SM (launch bound), 8 warps.
 // resources: NVRTC 13.5, -Xptxas -v (tools/kernel_resources.py writes this table)
 //   instance                         arch    registers  spill stores / loads  stack  shared: static + dynamic
-//   flash_fwd<bf16_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<bf16_t, 32, 128, 64>   sm_80         185               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<bf16_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<bf16_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<bf16_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
@@ -46,7 +46,7 @@
 //   flash_fwd<bf16_t, 192, 64, 64>   sm_90a        231               0 / 0 B    0 B  0 B + 75.0 KB
 //   flash_fwd<bf16_t, 256, 64, 64>   sm_80         249               0 / 0 B    0 B  0 B + 99.0 KB
 //   flash_fwd<bf16_t, 256, 64, 64>   sm_90a        253               0 / 0 B    0 B  0 B + 99.0 KB
-//   flash_fwd<half_t, 32, 128, 64>   sm_80         181               0 / 0 B    0 B  0 B + 20.0 KB
+//   flash_fwd<half_t, 32, 128, 64>   sm_80         185               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<half_t, 32, 128, 64>   sm_90a        194               0 / 0 B    0 B  0 B + 20.0 KB
 //   flash_fwd<half_t, 64, 128, 64>   sm_80         238               0 / 0 B    0 B  0 B + 36.0 KB
 //   flash_fwd<half_t, 64, 128, 64>   sm_90a        239               0 / 0 B    0 B  0 B + 36.0 KB
@@ -65,6 +65,7 @@
 #include "epilogues.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
+#include "tile_products.cuh"
 
 #define FLASH_THREADS 128
 #define FLASH_WARPS 4
@@ -115,26 +116,7 @@ flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
 
         // S = Q K^T
         float s[M_SLICES][N_BLOCKS * 4];
-#pragma unroll
-        for (int ms = 0; ms < M_SLICES; ++ms)
-#pragma unroll
-            for (int e = 0; e < N_BLOCKS * 4; ++e) s[ms][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            unsigned a[M_SLICES][4];
-#pragma unroll
-            for (int ms = 0; ms < M_SLICES; ++ms) ldmatrix_x4(a[ms], q_lane + ms * 16 * FLASH_WARPS * ROW_BYTES + kk * 32);
-#pragma unroll
-            for (int np = 0; np < N_BLOCKS / 2; ++np) {
-                unsigned bk[4];
-                ldmatrix_x4(bk, k_lane + np * 16 * ROW_BYTES + kk * 32);
-#pragma unroll
-                for (int ms = 0; ms < M_SLICES; ++ms) {
-                    mma_16816<T>(&s[ms][8 * np], a[ms], bk[0], bk[1]);
-                    mma_16816<T>(&s[ms][8 * np + 4], a[ms], bk[2], bk[3]);
-                }
-            }
-        }
+        scores_qk<T, M_SLICES, N_BLOCKS, HEAD_DIM, ROW_BYTES, 16 * FLASH_WARPS * ROW_BYTES>(s, q_lane, k_lane);
         if (crosses_edge<BLOCK_N>(p, t, n0)) {
 #pragma unroll
             for (int ms = 0; ms < M_SLICES; ++ms) mask_scores<N_BLOCKS>(p, t, first_row(ms), n0, s[ms]);
@@ -153,23 +135,7 @@ flash_fwd(const AttnParams p, const int* order, const int* tile_offsets) {
             rescale_rows<D_BLOCKS>(o[ms], rescale);
         }
 
-        // O += P V: S's accumulator layout is the A-fragment layout of P.
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            unsigned a[M_SLICES][4];
-#pragma unroll
-            for (int ms = 0; ms < M_SLICES; ++ms) p_fragment<T, N_BLOCKS>(s[ms], kk, a[ms]);
-#pragma unroll
-            for (int dp = 0; dp < D_BLOCKS / 2; ++dp) {
-                unsigned bv[4];
-                ldmatrix_x4_trans(bv, v_lane + kk * 16 * ROW_BYTES + dp * 32);
-#pragma unroll
-                for (int ms = 0; ms < M_SLICES; ++ms) {
-                    mma_16816<T>(&o[ms][8 * dp], a[ms], bv[0], bv[1]);
-                    mma_16816<T>(&o[ms][8 * dp + 4], a[ms], bv[2], bv[3]);
-                }
-            }
-        }
+        add_pv<T, M_SLICES, N_BLOCKS, D_BLOCKS, ROW_BYTES>(o, s, v_lane);
     }
 
 #pragma unroll
