@@ -14,8 +14,6 @@ the flash backward, which takes the forward's out and lse as they are.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..cuda import loader, structs
@@ -140,7 +138,7 @@ def forward(params):
     if table is not None:
         page_size, num_pages = k.shape[1], k.shape[0]
         k, v = k.flatten(0, 1), v.flatten(0, 1)  # a view: the pages' rows are evenly spaced (reasons)
-        table_args = (table.shape[1], table.stride(0), int(math.log2(page_size)), num_pages)
+        table_args = (table.shape[1], table.stride(0), page_size.bit_length() - 1, num_pages)
     else:
         table_args = (0, 0, 0, 0)
     target = TARGET_WAVES * _ctas_per_sm(shared, index) * loader.multiprocessors(index)

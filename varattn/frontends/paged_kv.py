@@ -95,27 +95,21 @@ def append_paged_kv(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_s
         return _append(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new)
 
 
-def _rows_of_heads(x: torch.Tensor, leading: int) -> torch.Tensor | None:
-    """x's (heads, head_dim) rows as one 2-D view (after `leading` dims), or
-    None where a row of heads is not contiguous or 16-byte aligned."""
-    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-        return None
-    rows = x.reshape(-1, x.shape[-2] * x.shape[-1]) if leading else x
-    if rows.data_ptr() % 16 or any(s * x.element_size() % 16 for s in rows.stride()[:-1]):
-        return None
-    return rows
+def _rows_aligned(x: torch.Tensor) -> bool:
+    """Whether every (heads, head_dim) row of x is contiguous, a whole number
+    of 16-byte chunks, and starts on 16 bytes."""
+    size = x.element_size()
+    return (x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and x.shape[-2] * x.shape[-1] * size % 16 == 0
+            and x.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in x.stride()[:-2]))
 
 
 def _append_kernel(k_new, v_new, k_cache, v_cache, block_table, seqused_k, cu_seqlens_new) -> torch.Tensor | None:
     """_append in one kernel, or None where its rows are not contiguous and aligned."""
-    if not k_cache.is_cuda or loader.cupy_missing_reason() or block_table.stride(1) != 1:
+    if (not k_cache.is_cuda or loader.cupy_missing_reason() or block_table.stride(1) != 1
+            or not all(map(_rows_aligned, (k_new, v_new, k_cache, v_cache)))):
         return None
-    k_rows, v_rows = _rows_of_heads(k_new, 1), _rows_of_heads(v_new, 1)
-    if k_rows is None or v_rows is None or k_rows.shape[1] * k_new.element_size() % 16 \
-            or v_rows.shape[1] * v_new.element_size() % 16:
-        return None
-    if _rows_of_heads(k_cache[:, :1], 0) is None or _rows_of_heads(v_cache[:, :1], 0) is None:
-        return None
+    k_rows = k_new.reshape(-1, k_new.shape[-2] * k_new.shape[-1])  # a copy, if any, is aligned too
+    v_rows = v_new.reshape(-1, v_new.shape[-2] * v_new.shape[-1])
     batch, max_pages = block_table.shape
     lengths = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
     if batch == 0:
